@@ -1,0 +1,1 @@
+"""CLIP adapters: trained methods, training-free heads and the frozen backbone."""

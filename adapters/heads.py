@@ -1,0 +1,339 @@
+"""Training-free few-shot heads on cached CLIP features.
+
+Every head has the same life cycle::
+
+    head = build_head("tip", dataset="caltech101")
+    head.fit(FitData(train_x, train_y, num_classes, text=W, val_x=vx, val_y=vy))
+    logits = head(test_x)            # [M, C]
+    head.hparams, head.notes         # what was chosen (on val) and how the head ran
+
+Inputs are L2-normalised post-projection CLIP features. ``text`` is the zero-shot classifier [C, D]
+(`FrozenCLIP.zero_shot_classifier`) or None; heads that need it run their image-only part (said in
+``notes``) or are skipped with a reason (`HeadSkipped`). Hyper-parameters are chosen on ``val_x`` /
+``val_y`` only, with vectorised grid searches (one batched evaluation per chunk of the grid, no Python
+loop over grid points). Specs: ../shared/reference/methods-coder-gda-iso.md §1, §2, §4.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapters.errors import ConfigError
+from adapters.protocol import tip_search_config
+
+#: CLIP's logit scale, applied to the zero-shot term only (as all reference codes do).
+CLIP_SCALE = 100.0
+
+
+class HeadSkipped(Exception):
+    """The head cannot run on this input (e.g. it needs text features and the file has none)."""
+
+
+@dataclass
+class FitData:
+    """What a head may look at when it is fit: training features, the text classifier, val data."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    num_classes: int
+    text: torch.Tensor | None = None
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
+    dataset: str | None = None
+
+    def __post_init__(self) -> None:
+        self.train_x = F.normalize(self.train_x.float(), dim=-1)
+        self.train_y = self.train_y.long()
+        if self.text is not None:
+            if self.text.shape[0] != self.num_classes:
+                raise ConfigError(f"text features: {self.text.shape[0]} classes but the data has {self.num_classes}")
+            self.text = F.normalize(self.text.float(), dim=-1)
+        if self.val_x is not None:
+            self.val_x = F.normalize(self.val_x.float(), dim=-1)
+            self.val_y = self.val_y.long()
+
+    @property
+    def has_val(self) -> bool:
+        return self.val_x is not None and len(self.val_x) > 0
+
+
+HEADS: dict[str, type["Head"]] = {}
+
+
+def register_head(cls: type["Head"]) -> type["Head"]:
+    """Class decorator: make a head available by its ``name`` to `build_head` and ``evaluate.py``."""
+    HEADS[cls.name] = cls
+    return cls
+
+
+def build_head(name: str, **config) -> "Head":
+    """Instantiate a registered head by name; unknown names are a `ConfigError` listing the known ones."""
+    if name not in HEADS:
+        raise ConfigError(f"heads: unknown head {name!r} (known: {', '.join(sorted(HEADS))})")
+    return HEADS[name](**config)
+
+
+def class_means(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-class mean of rows of ``x`` [C, D] (zeros for a class with no sample)."""
+    sums = torch.zeros(num_classes, x.shape[1], dtype=x.dtype).index_add_(0, y, x)
+    counts = torch.bincount(y, minlength=num_classes).clamp_min(1).to(x.dtype)
+    return sums / counts[:, None]
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Top-1 accuracy of logits [..., M, C] against labels [M], reduced over M."""
+    return (logits.argmax(-1) == labels).float().mean(-1)
+
+
+def mixing_accuracy(base: torch.Tensor, extra: torch.Tensor, labels: torch.Tensor,
+                    alphas: torch.Tensor) -> torch.Tensor:
+    """Accuracy of ``argmax(base + alpha * extra)`` for every alpha at once: [..., A].
+
+    ``base`` [M, C] (or broadcastable) and ``extra`` [..., M, C]. The true class y wins at alpha iff
+    for every other class c: ``(base_y - base_c) + alpha * (extra_y - extra_c) > 0``, an intersection of
+    half-lines, i.e. an open interval (lo, hi) per sample. So the alpha axis costs O(M C), not
+    O(A M C), and no [A, M, C] tensor is built. Exact except for exact ties (measure zero), which
+    count as errors.
+    """
+    idx = labels[:, None]
+    d_base = base.gather(-1, idx.expand(base.shape[:-1] + (1,))) - base
+    d_extra = extra.gather(-1, idx.expand(extra.shape[:-1] + (1,))) - extra
+    d_base, d_extra = torch.broadcast_tensors(d_base, d_extra)
+    is_true = F.one_hot(labels, base.shape[-1]).bool()
+    cross = -d_base / d_extra  # alpha where class c draws level with y
+    lo = torch.where(d_extra > 0, cross, -math.inf).amax(-1)
+    hi = torch.where(d_extra < 0, cross, math.inf).amin(-1)
+    never = ((d_extra == 0) & (d_base <= 0) & ~is_true).any(-1)
+    wins = (alphas > lo[..., None]) & (alphas < hi[..., None]) & ~never[..., None]
+    return wins.float().mean(-2)
+
+
+def first_best(acc: torch.Tensor) -> tuple[int, ...]:
+    """Index of the first maximum in row-major order (the reference codes' strict ``>`` search)."""
+    flat = int(torch.argmax(acc.flatten()))  # torch.argmax returns the first maximal index
+    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), acc.shape))
+
+
+class Head(nn.Module):
+    """Base class of the training-free heads: ``fit`` on `FitData`, then ``forward(x) -> logits``."""
+
+    name: ClassVar[str]
+    #: Whether the head is meaningless without text features (it is then skipped).
+    needs_text: ClassVar[bool] = False
+
+    def __init__(self, dataset: str | None = None):
+        super().__init__()
+        self.dataset = dataset
+        self.hparams: dict[str, float | int | str] = {}
+        self.notes: list[str] = []
+
+    def fit(self, data: FitData) -> "Head":
+        if self.needs_text and data.text is None:
+            raise HeadSkipped(f"{self.name} needs text features (a zero-shot classifier); the file has none")
+        self._fit(data)
+        return self
+
+    def _fit(self, data: FitData) -> None:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _no_val(self, data: FitData, what: str) -> bool:
+        """Record that a search is skipped for lack of validation data; True when it is."""
+        if data.has_val:
+            return False
+        self.notes.append(f"no val split: {what} at default")
+        return True
+
+
+@register_head
+class ZeroShotHead(Head):
+    """Zero-shot CLIP: ``100 * x @ W.T`` with W the prompt-ensemble text classifier."""
+
+    name = "zeroshot"
+    needs_text = True
+
+    def _fit(self, data: FitData) -> None:
+        self.register_buffer("text", data.text)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return CLIP_SCALE * F.normalize(x.float(), dim=-1) @ self.text.T
+
+
+@register_head
+class PrototypeHead(Head):
+    """Nearest class mean: cosine to the L2-normalised mean of each class's few-shot features."""
+
+    name = "prototype"
+
+    def _fit(self, data: FitData) -> None:
+        self.register_buffer("prototypes", F.normalize(class_means(data.train_x, data.train_y, data.num_classes), dim=-1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return CLIP_SCALE * F.normalize(x.float(), dim=-1) @ self.prototypes.T
+
+
+class CacheModel(nn.Module):
+    """Tip-Adapter's key-value cache: ``exp(-beta * (1 - x @ keys.T)) @ one_hot(values)``.
+
+    Shared by Tip-Adapter, DAC's inference head and CODER-Adapter. Keys are stored sorted by label so
+    that, when every class has the same number of keys (the K-shot case), the per-class sum is a
+    reshape-and-sum; otherwise an exact ``index_add`` on the label index. Neither needs an [N, C]
+    one-hot matmul.
+    """
+
+    def __init__(self, keys: torch.Tensor, labels: torch.Tensor, num_classes: int):
+        super().__init__()
+        order = torch.argsort(labels, stable=True)
+        self.register_buffer("keys", keys[order])
+        self.register_buffer("labels", labels[order].long())
+        self.num_classes = num_classes
+        counts = torch.bincount(self.labels, minlength=num_classes)
+        self.shots_per_class = int(counts[0]) if bool((counts == counts[0]).all()) and counts[0] > 0 else 0
+
+    def affinity(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.keys.T
+
+    def from_affinity(self, affinity: torch.Tensor, beta: torch.Tensor | float,
+                      buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Cache logits [*beta.shape, M, C] for affinities [M, N]: a tensor of betas adds leading dims.
+
+        ``buffer`` (at least [*beta.shape, M, N]) is reused for the weights, which saves a large
+        allocation per call during grid searches.
+        """
+        beta = torch.as_tensor(beta, dtype=affinity.dtype)
+        beta = beta.reshape(beta.shape + (1,) * affinity.ndim)
+        if buffer is None:
+            weights = beta * (affinity - 1)
+        else:
+            weights = torch.mul(beta, affinity - 1, out=buffer[: beta.shape[0]] if beta.ndim > affinity.ndim else buffer)
+        weights.exp_()
+        if self.shots_per_class:
+            return weights.unflatten(-1, (self.num_classes, self.shots_per_class)).sum(-1)
+        out = torch.zeros(weights.shape[:-1] + (self.num_classes,), dtype=weights.dtype)
+        return out.index_add_(-1, self.labels, weights)
+
+    def forward(self, x: torch.Tensor, beta: float) -> torch.Tensor:
+        return self.from_affinity(self.affinity(x), beta)
+
+
+@register_head
+class TipAdapterHead(Head):
+    """Tip-Adapter (training-free): ``100 x W.T + alpha * exp(-beta (1 - x K.T)) L``.
+
+    Keys K are the few-shot features (in the shared feature files, already the mean of 10 augmented
+    views), values L their one-hot labels. alpha and beta are searched on val over Tip-Adapter's grid:
+    ``beta_i = 0.1 + i (s_beta - 0.1) / 200`` (200 values) and ``alpha_j = 0.1 + j (s_alpha - 0.1) / 20``
+    (20 values), with the per-dataset scales of the official configs; the first best point wins.
+    Without text features only the cache term remains; alpha then cannot change the argmax, so only
+    beta is searched ("cache only").
+    """
+
+    name = "tip"
+
+    def __init__(self, dataset: str | None = None, beta_scale: float | None = None, alpha_scale: float | None = None,
+                 beta_steps: int = 200, alpha_steps: int = 20, chunk: int = 10):
+        super().__init__(dataset)
+        cfg = tip_search_config(dataset)
+        self.beta_scale = beta_scale or cfg.beta_scale
+        self.alpha_scale = alpha_scale or cfg.alpha_scale
+        self.init_alpha, self.init_beta = cfg.init_alpha, cfg.init_beta
+        self.beta_steps, self.alpha_steps, self.chunk = beta_steps, alpha_steps, chunk
+
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        betas = 0.1 + torch.arange(self.beta_steps) * (self.beta_scale - 0.1) / self.beta_steps
+        alphas = 0.1 + torch.arange(self.alpha_steps) * (self.alpha_scale - 0.1) / self.alpha_steps
+        return betas, alphas
+
+    def _fit(self, data: FitData) -> None:
+        self.cache = CacheModel(data.train_x, data.train_y, data.num_classes)
+        self.register_buffer("text", data.text)
+        self.alpha, self.beta = self.init_alpha, self.init_beta
+        if self.text is None:
+            self.notes.append("image-only: cache term")
+        if not self._no_val(data, "alpha/beta"):
+            self.alpha, self.beta = self.search(data.val_x, data.val_y)
+        self.hparams = {"beta": round(self.beta, 4)} if self.text is None else \
+            {"alpha": round(self.alpha, 4), "beta": round(self.beta, 4)}
+
+    def search(self, val_x: torch.Tensor, val_y: torch.Tensor) -> tuple[float, float]:
+        """Vectorised grid search on val.
+
+        The affinity is computed once; betas go through the cache in chunks sharing one buffer, and
+        each chunk scores all alphas at once (`mixing_accuracy`). Returns (alpha, beta).
+        """
+        betas, alphas = self.grid()
+        affinity = self.cache.affinity(val_x)
+        zs = None if self.text is None else CLIP_SCALE * val_x @ self.text.T
+        buffer = torch.empty((min(self.chunk, len(betas)),) + affinity.shape, dtype=affinity.dtype)
+        accs = []
+        for start in range(0, len(betas), self.chunk):
+            cache = self.cache.from_affinity(affinity, betas[start:start + self.chunk], buffer)
+            accs.append(accuracy(cache, val_y)[:, None] if zs is None else mixing_accuracy(zs, cache, val_y, alphas))
+        i, j = first_best(torch.cat(accs))
+        return (1.0 if zs is None else float(alphas[j])), float(betas[i])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(x.float(), dim=-1)
+        cache = self.cache(x, self.beta)
+        if self.text is None:
+            return cache
+        return CLIP_SCALE * x @ self.text.T + self.alpha * cache
+
+
+def ks_precision(x: torch.Tensor, y: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """Kubokawa-Srivastava ridge-type precision of the pooled within-class covariance (GDA Eq. 4):
+    ``D * ((N - 1) S + tr(S) I)^-1`` with S the unbiased covariance of the class-centred features."""
+    centered = x - means[y]
+    cov = torch.cov(centered.T.double())
+    n, d = x.shape
+    return (d * torch.linalg.pinv((n - 1) * cov + torch.trace(cov) * torch.eye(d, dtype=cov.dtype))).float()
+
+
+@register_head
+class GDAHead(Head):
+    """Gaussian Discriminant Analysis (GDA, Wang et al. ICLR 2024).
+
+    Shared-covariance Gaussian classes give a linear classifier ``w_c = P mu_c``,
+    ``b_c = log(1/C) - mu_c^T P mu_c / 2`` with P the KS precision (`ks_precision`). With text
+    features the logits are ``100 x W.T + alpha (x w.T + b)``, alpha searched on val over
+    {1e-4, ..., 100}; without, the GDA classifier alone (image-only).
+    """
+
+    name = "gda"
+    ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+
+    def __init__(self, dataset: str | None = None, alphas: tuple[float, ...] = ALPHAS):
+        super().__init__(dataset)
+        self.alphas = tuple(alphas)
+
+    def _fit(self, data: FitData) -> None:
+        means = class_means(data.train_x, data.train_y, data.num_classes)
+        precision = ks_precision(data.train_x, data.train_y, means)
+        weight = means @ precision
+        bias = math.log(1.0 / data.num_classes) - 0.5 * (weight * means).sum(-1)
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+        self.register_buffer("text", data.text)
+        self.alpha = 1.0
+        if self.text is None:
+            self.notes.append("image-only: no zero-shot ensemble")
+            return
+        if not self._no_val(data, "alpha"):
+            alphas = torch.tensor(self.alphas)
+            zs, gda = CLIP_SCALE * data.val_x @ self.text.T, data.val_x @ self.weight.T + self.bias
+            self.alpha = float(alphas[first_best(mixing_accuracy(zs, gda, data.val_y, alphas))[0]])
+        self.hparams = {"alpha": self.alpha}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(x.float(), dim=-1)
+        gda = x @ self.weight.T + self.bias
+        if self.text is None:
+            return gda
+        return CLIP_SCALE * x @ self.text.T + self.alpha * gda

@@ -1,0 +1,271 @@
+"""Feature files: cached CLIP embeddings, read memory-mapped.
+
+Format (safetensors, the format of ``../shared/data/clip-vit-b32-features``):
+
+==========================  ==========  =========================================
+key                         shape       dtype
+==========================  ==========  =========================================
+``{split}.features``        [N, D]      float16 (L2-normalised)
+``{split}.labels``          [N]         int64
+``text.features``           [C, D]      float16, optional zero-shot classifier
+==========================  ==========  =========================================
+
+Metadata (str -> str): ``backbone``, ``pretrained``, ``dim``, ``num_classes``, ``dataset``,
+``normalized``, optional ``class_names`` (a JSON list) and anything else the writer adds.
+Split names are free-form: ``train``, ``val``, ``test``, ``train_16shot`` ...
+
+A large extraction is a directory of per-rank part files plus ``manifest.json``
+(``{"format": "clip-adapters-features", "parts": [...], "metadata": {...}}``); `FeatureFile` reads
+both forms through one interface.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from adapters.atomic import atomic_path
+from adapters.errors import ConfigError, FeatureFileError
+from adapters.protocol import few_shot_indices
+
+FEATURES = "{}.features"
+LABELS = "{}.labels"
+TEXT_KEY = "text.features"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "clip-adapters-features"
+
+_NP_DTYPES = {"F16": np.float16, "BF16": None, "F32": np.float32, "F64": np.float64,
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "U8": np.uint8, "I8": np.int8}
+
+
+@dataclass
+class Split:
+    """Features and labels of one split (tensors may be memory-mapped views)."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor, name: str | None = None) -> "Split":
+        return Split(self.features[index], self.labels[index], name or self.name)
+
+
+def _mmap_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Map every tensor of a safetensors file without reading it into memory.
+
+    safetensors' ``safe_open`` validates the header; the data offsets it documents are then mapped
+    with ``np.memmap`` (copy-on-write, so no page is read until used and nothing is ever written back).
+    """
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            keys = list(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FeatureFileError(f"{path}: not a safetensors feature file ({str(e).splitlines()[0]})") from None
+    with open(path, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(header_len))
+    base = 8 + header_len
+    tensors = {}
+    for key in keys:
+        info = header[key]
+        dtype = _NP_DTYPES.get(info["dtype"])
+        start, end = info["data_offsets"]
+        if dtype is None:  # no numpy dtype (bf16): read through safetensors instead
+            with safe_open(str(path), framework="pt") as f:
+                tensors[key] = f.get_tensor(key)
+            continue
+        shape = tuple(info["shape"])
+        if end == start:
+            tensors[key] = torch.from_numpy(np.zeros(shape, dtype=dtype))
+        else:
+            tensors[key] = torch.from_numpy(np.memmap(path, dtype=dtype, mode="c", offset=base + start, shape=shape))
+    return tensors, metadata
+
+
+class FeatureFile:
+    """Read access to a feature file (or a directory of parts with ``manifest.json``).
+
+    Raises `FeatureFileError` with the path in a one-line message for a missing file, a file that is
+    not a feature file, features without labels, or inconsistent dimensions.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FeatureFileError(f"{self.path}: no such feature file")
+        if self.path.is_dir():
+            self._tensors, self.metadata = self._read_parts(self.path)
+        else:
+            self._tensors, self.metadata = _mmap_tensors(self.path)
+        self._validate()
+
+    @staticmethod
+    def _read_parts(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        manifest_path = directory / MANIFEST
+        if not manifest_path.is_file():
+            raise FeatureFileError(f"{directory}: directory has no {MANIFEST} (not a feature directory)")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            parts = [directory / p for p in manifest["parts"]]
+            metadata = {str(k): str(v) for k, v in manifest.get("metadata", {}).items()}
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise FeatureFileError(f"{manifest_path}: malformed manifest ({e})") from None
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise FeatureFileError(f"{manifest_path}: format is not {MANIFEST_FORMAT!r}")
+        pieces: dict[str, list[torch.Tensor]] = {}
+        for part in parts:
+            if not part.is_file():
+                raise FeatureFileError(f"{part}: part file listed in {manifest_path} is missing")
+            tensors, _ = _mmap_tensors(part)
+            for k, v in tensors.items():
+                pieces.setdefault(k, []).append(v)
+        # Per-split tensors are concatenated in part order; text features are identical in every part.
+        merged = {k: (v[0] if k == TEXT_KEY else torch.cat(v)) for k, v in pieces.items()}
+        return merged, metadata
+
+    def _validate(self) -> None:
+        splits = self.splits
+        if not splits:
+            raise FeatureFileError(f"{self.path}: not a feature file (no '<split>.features' tensors)")
+        dims = set()
+        for s in splits:
+            feats = self._tensors[FEATURES.format(s)]
+            labels = self._tensors.get(LABELS.format(s))
+            if labels is None:
+                raise FeatureFileError(f"{self.path}: split {s!r} has features but no '{LABELS.format(s)}'")
+            if feats.ndim != 2:
+                raise FeatureFileError(f"{self.path}: '{FEATURES.format(s)}' must be 2-D [N, D], got {tuple(feats.shape)}")
+            if labels.ndim != 1 or labels.dtype.is_floating_point:
+                raise FeatureFileError(f"{self.path}: '{LABELS.format(s)}' must be 1-D integer labels")
+            if len(labels) != len(feats):
+                raise FeatureFileError(
+                    f"{self.path}: split {s!r} has {len(feats)} feature rows but {len(labels)} labels")
+            dims.add(feats.shape[1])
+        text = self._tensors.get(TEXT_KEY)
+        if text is not None:
+            dims.add(text.shape[-1])
+        if "dim" in self.metadata and self.metadata["dim"].isdigit():
+            dims.add(int(self.metadata["dim"]))
+        if len(dims) > 1:
+            raise FeatureFileError(f"{self.path}: dimension mismatch between splits/text/metadata: {sorted(dims)}")
+        self.dim = dims.pop()
+
+    # -- description ------------------------------------------------------------------------------
+    @property
+    def splits(self) -> list[str]:
+        return sorted(k[: -len(".features")] for k in self._tensors if k.endswith(".features") and k != TEXT_KEY)
+
+    @property
+    def dataset(self) -> str:
+        return self.metadata.get("dataset") or self.path.stem
+
+    @property
+    def num_classes(self) -> int:
+        if "num_classes" in self.metadata:
+            return int(self.metadata["num_classes"])
+        if self.text_features is not None:
+            return len(self.text_features)
+        return int(max(int(self._tensors[LABELS.format(s)].max()) for s in self.splits if len(self.labels(s))) + 1)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        raw = self.metadata.get("class_names")
+        return json.loads(raw) if raw else None
+
+    @property
+    def text_features(self) -> torch.Tensor | None:
+        """The zero-shot classifier [C, D] stored with the features, or None."""
+        return self._tensors.get(TEXT_KEY)
+
+    def has_split(self, split: str) -> bool:
+        return FEATURES.format(split) in self._tensors
+
+    # -- access -----------------------------------------------------------------------------------
+    def features(self, split: str) -> torch.Tensor:
+        self._require(split)
+        return self._tensors[FEATURES.format(split)]
+
+    def labels(self, split: str) -> torch.Tensor:
+        self._require(split)
+        return self._tensors[LABELS.format(split)].long()
+
+    def split(self, split: str) -> Split:
+        return Split(self.features(split), self.labels(split), split)
+
+    def _require(self, split: str) -> None:
+        if not self.has_split(split):
+            raise FeatureFileError(f"{self.path}: no split {split!r} (has: {', '.join(self.splits)})")
+
+    def train_split(self, shots: int | None, seed: int = 1) -> tuple[Split, str]:
+        """The few-shot training set and a description of where it came from.
+
+        ``train_{K}shot`` is used as stored when the file has it (its subset is fixed by the file);
+        otherwise K samples per class are drawn from ``train`` with ``seed`` (`few_shot_indices`).
+        ``shots=None`` means the whole ``train`` split.
+        """
+        if shots and self.has_split(f"train_{shots}shot"):
+            return self.split(f"train_{shots}shot"), f"train_{shots}shot (subset fixed in file)"
+        if not self.has_split("train"):
+            wanted = f"'train_{shots}shot' or 'train'" if shots else "'train'"
+            raise FeatureFileError(f"{self.path}: no split {wanted} for shots={shots} (has: {', '.join(self.splits)})")
+        full = self.split("train")
+        if not shots:
+            return full, "train (all samples)"
+        counts = torch.bincount(full.labels, minlength=self.num_classes)
+        short = [int(c) for c in torch.nonzero(counts < shots).flatten() if counts[c] > 0]
+        if short:
+            c = short[0]
+            raise ConfigError(
+                f"shots: {shots} is larger than the {int(counts[c])} samples of class {c} in {self.path}:train")
+        idx = few_shot_indices(full.labels, shots, seed)
+        return full.subset(idx, f"train_{shots}shot_seed{seed}"), f"train, {shots} per class, seed {seed}"
+
+
+def write_feature_file(
+    path: str | Path,
+    splits: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    text_features: torch.Tensor | None = None,
+    metadata: Mapping[str, object] | None = None,
+    class_names: list[str] | None = None,
+) -> Path:
+    """Write a feature file atomically (features as fp16, labels as int64).
+
+    ``splits`` maps a split name to ``(features [N, D], labels [N])``.
+    """
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    dims = set()
+    for name, (feats, labels) in splits.items():
+        if "." in name:
+            raise ConfigError(f"split name {name!r} must not contain '.'")
+        if feats.ndim != 2 or len(feats) != len(labels):
+            raise FeatureFileError(f"{path}: split {name!r}: features {tuple(feats.shape)} vs labels {tuple(labels.shape)}")
+        # clone: safetensors refuses tensors that share storage (e.g. two splits sliced from one tensor)
+        tensors[FEATURES.format(name)] = feats.detach().to("cpu", torch.float16).clone()
+        tensors[LABELS.format(name)] = labels.detach().to("cpu", torch.int64).clone()
+        dims.add(feats.shape[1])
+    if text_features is not None:
+        tensors[TEXT_KEY] = text_features.detach().to("cpu", torch.float16).clone()
+        dims.add(text_features.shape[1])
+    if len(dims) != 1:
+        raise FeatureFileError(f"{path}: dimension mismatch between splits/text: {sorted(dims)}")
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    meta.setdefault("dim", str(dims.pop()))
+    meta.setdefault("normalized", "l2")
+    if class_names is not None:
+        meta["class_names"] = json.dumps(list(class_names))
+        meta.setdefault("num_classes", str(len(class_names)))
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return path

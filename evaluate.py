@@ -1,0 +1,146 @@
+"""Compare few-shot heads on feature files: one table, one JSON.
+
+Example::
+
+    python evaluate.py --features ../shared/data/clip-vit-b32-features/caltech101.safetensors \\
+        --shots 16 --heads prototype,tip,gda
+
+For each file, shot count and seed, every head is fit on the K-shot training features, its
+hyper-parameters are chosen on ``val``, and it is scored on ``test`` (on ``val`` when the file has no
+test split, with searches then left at their defaults so that nothing is tuned on the data it is
+scored on). Results print as a table (top-1, top-5, mean per-class recall, chosen hyper-parameters)
+and are written as a JSON list of CLIP_benchmark-style records.
+
+Exit status: 0 on success, 2 on bad input (one line on stderr naming the file, key or field).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from adapters.atomic import atomic_write_text
+from adapters.errors import UserError
+from adapters.heads import HEADS, FitData, HeadSkipped, build_head
+from adapters.metrics import score
+from datamodules.features import FeatureFile
+
+DEFAULT_HEADS = "zeroshot,prototype,tip,gda"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports bad arguments in one line (no usage block) with exit status 2."""
+
+    def error(self, message: str):  # noqa: D102
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = OneLineParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--features", nargs="+", required=True, metavar="FILE",
+                   help="feature files (.safetensors) or extraction directories (with manifest.json)")
+    p.add_argument("--shots", nargs="+", type=int, default=[16], metavar="K",
+                   help="shots per class; uses the file's train_{K}shot split, else samples K per class from train")
+    p.add_argument("--seeds", nargs="+", type=int, default=[1], metavar="S",
+                   help="few-shot sampling seeds (only when sampling from a full train split)")
+    p.add_argument("--heads", default=DEFAULT_HEADS,
+                   help=f"comma-separated heads (known: {', '.join(sorted(HEADS))}); default: {DEFAULT_HEADS}")
+    p.add_argument("--output", default="eval_results.json", metavar="JSON",
+                   help="where to write the results (a JSON list of records); '' to skip")
+    args = p.parse_args(argv)
+    args.heads = [h.strip() for h in args.heads.split(",") if h.strip()]
+    unknown = [h for h in args.heads if h not in HEADS]
+    if unknown:
+        p.error(f"--heads: unknown head {unknown[0]!r} (known: {', '.join(sorted(HEADS))})")
+    if any(k < 1 for k in args.shots):
+        p.error("--shots: must be positive integers")
+    return args
+
+
+def evaluate_file(path: str, heads: Sequence[str], shots: Sequence[int], seeds: Sequence[int]) -> list[dict]:
+    """Fit and score every head on one feature file; returns one record per (shots, seed, head)."""
+    ff = FeatureFile(path)
+    text = ff.text_features
+    eval_split = "test" if ff.has_split("test") else "val"
+    if not ff.has_split(eval_split):
+        raise UserError(f"{ff.path}: no 'test' or 'val' split to evaluate on (has: {', '.join(ff.splits)})")
+    evaluation = ff.split(eval_split)
+    val = ff.split("val") if eval_split == "test" and ff.has_split("val") else None
+    records = []
+    for k in shots:
+        fixed = ff.has_split(f"train_{k}shot")
+        for seed in ([None] if fixed else seeds):
+            train, train_desc = ff.train_split(k, seed if seed is not None else 1)
+            data = FitData(train.features, train.labels, ff.num_classes, text=text,
+                           val_x=None if val is None else val.features, val_y=None if val is None else val.labels,
+                           dataset=ff.dataset)
+            for name in heads:
+                record = {
+                    "dataset": ff.dataset, "model": ff.metadata.get("backbone", "unknown"),
+                    "pretrained": ff.metadata.get("pretrained", "unknown"), "task": "fewshot_classification",
+                    "head": name, "shots": k, "seed": seed, "train": train_desc, "eval_split": eval_split,
+                    "selected_on": "val" if val is not None else "defaults (no separate val split)",
+                    "features": str(path),
+                }
+                try:
+                    head = build_head(name, dataset=ff.dataset).fit(data)
+                except HeadSkipped as e:
+                    records.append({**record, "skipped": str(e)})
+                    continue
+                notes = list(head.notes)
+                if eval_split == "val":
+                    notes.append("no test split: scored on val")
+                metrics = score(head(evaluation.features), evaluation.labels)
+                records.append({**record, "hyperparameters": head.hparams, "notes": notes, "metrics": metrics})
+    return records
+
+
+def render(records: list[dict]):
+    """A rich table of the records: one row per (dataset, shots, seed, head)."""
+    from rich.table import Table
+
+    table = Table(title="Few-shot evaluation (top-1 / top-5 / mean per-class recall, %)")
+    for col, justify in [("dataset", "left"), ("shots", "right"), ("seed", "right"), ("head", "left"),
+                         ("top-1", "right"), ("top-5", "right"), ("mean recall", "right"),
+                         ("hyper-parameters (on val)", "left"), ("notes", "left")]:
+        table.add_column(col, justify=justify)
+
+    def pct(x: float) -> str:
+        return "-" if x is None or math.isnan(x) else f"{100 * x:.2f}"
+
+    for r in records:
+        seed = "file" if r["seed"] is None else str(r["seed"])
+        if "skipped" in r:
+            table.add_row(r["dataset"], str(r["shots"]), seed, r["head"], "-", "-", "-", "", f"skipped: {r['skipped']}")
+            continue
+        m = r["metrics"]
+        hp = ", ".join(f"{k}={v}" for k, v in r["hyperparameters"].items())
+        table.add_row(r["dataset"], str(r["shots"]), seed, r["head"], pct(m["acc1"]), pct(m["acc5"]),
+                      pct(m["mean_per_class_recall"]), hp, "; ".join(r["notes"]))
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    from rich.console import Console
+
+    # Off a terminal (CI, SLURM logs) rich would wrap at 80 columns; tables read better unwrapped.
+    console = Console() if sys.stdout.isatty() else Console(width=200)
+    try:
+        records = [r for path in args.features for r in evaluate_file(path, args.heads, args.shots, args.seeds)]
+    except UserError as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
+    console.print(render(records))
+    if args.output:
+        atomic_write_text(args.output, json.dumps(records, indent=2))
+        console.print(f"results written to {Path(args.output).resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import evaluate
+from datamodules.features import write_feature_file
+from tests.conftest import ROOT, shared
+
+# ../shared/data/README.md: 16-shot, image-only, hyper-parameters on val, test accuracy (%).
+REFERENCE = {
+    "caltech101": {"prototype": 91.36, "tip": 91.60, "gda": 93.87},
+    "oxford_flowers": {"prototype": 92.33, "tip": 90.09, "gda": 96.18},
+    "fgvc": {"prototype": 31.98, "tip": 32.58, "gda": 40.74},
+}
+TOLERANCE = {"prototype": 0.5, "gda": 0.5, "tip": 1.5}
+
+
+@pytest.mark.parametrize("dataset", sorted(REFERENCE))
+def test_reproduces_reference_figures_on_real_clip_features(dataset, tmp_path):
+    path = shared(f"clip-vit-b32-features/{dataset}.safetensors")
+    out = tmp_path / "results.json"
+    assert evaluate.main(["--features", str(path), "--shots", "16", "--heads", "prototype,tip,gda",
+                          "--output", str(out)]) == 0
+    records = {r["head"]: r for r in json.loads(out.read_text())}
+    for head, expected in REFERENCE[dataset].items():
+        acc = 100 * records[head]["metrics"]["acc1"]
+        assert abs(acc - expected) <= TOLERANCE[head], f"{dataset}/{head}: {acc:.2f} vs {expected}"
+        assert records[head]["selected_on"] == "val" and records[head]["eval_split"] == "test"
+    assert "image-only" in records["tip"]["notes"][0]
+
+
+def _text_feature_file(path, with_test=True):
+    g = torch.Generator().manual_seed(0)
+    c, d = 4, 16
+    centers = F.normalize(torch.randn(c, d, generator=g), dim=-1)
+    def split(n):
+        y = torch.arange(c).repeat(n)
+        return F.normalize(centers[y] + 0.5 * torch.randn(len(y), d, generator=g) / d ** 0.5, dim=-1), y
+    splits = {"train": split(8), "val": split(5)}
+    if with_test:
+        splits["test"] = split(5)
+    return write_feature_file(path, splits, text_features=centers, metadata={"dataset": "toy", "backbone": "tiny-clip"},
+                              class_names=["a", "b", "c", "d"])
+
+
+def test_all_heads_with_text_features_and_seeds(tmp_path, capsys):
+    path = _text_feature_file(tmp_path / "toy.safetensors")
+    out = tmp_path / "r.json"
+    assert evaluate.main(["--features", str(path), "--shots", "2", "4", "--seeds", "1", "2",
+                          "--output", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert len(records) == 2 * 2 * 4  # shots x seeds x default heads
+    tip = next(r for r in records if r["head"] == "tip")
+    assert set(tip["hyperparameters"]) == {"alpha", "beta"} and tip["train"].startswith("train, 2 per class")
+    assert "zeroshot" in capsys.readouterr().out
+
+
+def test_without_test_split_scores_on_val_and_says_so(tmp_path):
+    path = _text_feature_file(tmp_path / "toy.safetensors", with_test=False)
+    out = tmp_path / "r.json"
+    assert evaluate.main(["--features", str(path), "--shots", "2", "--heads", "tip", "--output", str(out)]) == 0
+    (record,) = json.loads(out.read_text())
+    assert record["eval_split"] == "val" and "no test split: scored on val" in record["notes"]
+    assert record["selected_on"].startswith("defaults")
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "evaluate.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda tmp: ["--features", str(tmp / "missing.safetensors")], "no such feature file"),
+    (lambda tmp: ["--features", str(_text_feature_file(tmp / "t.safetensors")), "--heads", "tip,nope"], "unknown head 'nope'"),
+    (lambda tmp: ["--features", str(_text_feature_file(tmp / "t.safetensors")), "--shots", "9"], "shots: 9 is larger"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, make_args, message):
+    result = _run(*make_args(tmp_path))
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_wrong_key_and_dimension_mismatch_are_one_line_exit_2(tmp_path):
+    from safetensors.torch import save_file
+    save_file({"train.features": torch.zeros(4, 8)}, str(tmp_path / "nolabels.safetensors"))
+    save_file({"train.features": torch.zeros(4, 8), "train.labels": torch.zeros(4, dtype=torch.long),
+               "text.features": torch.zeros(2, 6)}, str(tmp_path / "dims.safetensors"))
+    for name, message in [("nolabels", "no 'train.labels'"), ("dims", "dimension mismatch")]:
+        result = _run("--features", str(tmp_path / f"{name}.safetensors"))
+        assert result.returncode == 2 and message in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
