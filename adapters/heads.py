@@ -45,6 +45,9 @@ class FitData:
     val_x: torch.Tensor | None = None
     val_y: torch.Tensor | None = None
     dataset: str | None = None
+    #: Features for the zero-shot (text) term on val when they differ from ``val_x``: TA++ and DAC
+    #: score the cache on adapted features but the text term on the original ones.
+    val_text_x: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.train_x = F.normalize(self.train_x.float(), dim=-1)
@@ -56,6 +59,7 @@ class FitData:
         if self.val_x is not None:
             self.val_x = F.normalize(self.val_x.float(), dim=-1)
             self.val_y = self.val_y.long()
+            self.val_text_x = self.val_x if self.val_text_x is None else F.normalize(self.val_text_x.float(), dim=-1)
 
     @property
     def has_val(self) -> bool:
@@ -132,20 +136,29 @@ class Head(nn.Module):
         self.hparams: dict[str, float | int | str] = {}
         self.notes: list[str] = []
 
-    def fit(self, data: FitData) -> "Head":
+    def fit(self, data: FitData, hparams: dict | None = None) -> "Head":
+        """Fit on ``data``; with ``hparams`` (e.g. restored from an export) no search is run."""
         if self.needs_text and data.text is None:
             raise HeadSkipped(f"{self.name} needs text features (a zero-shot classifier); the file has none")
+        self._given = dict(hparams) if hparams is not None else None
         self._fit(data)
         return self
 
     def _fit(self, data: FitData) -> None:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, text_x: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [M, C]; ``text_x`` are the features for the zero-shot term when they differ from ``x``."""
         raise NotImplementedError
 
-    def _no_val(self, data: FitData, what: str) -> bool:
-        """Record that a search is skipped for lack of validation data; True when it is."""
+    def _zero_shot(self, x: torch.Tensor, text_x: torch.Tensor | None) -> torch.Tensor:
+        x = x if text_x is None else F.normalize(text_x.float(), dim=-1)
+        return CLIP_SCALE * x @ self.text.T
+
+    def _skip_search(self, data: FitData, what: str) -> bool:
+        """True when the search must not run: hyper-parameters were given, or there is no val split."""
+        if self._given is not None:
+            return True
         if data.has_val:
             return False
         self.notes.append(f"no val split: {what} at default")
@@ -162,8 +175,8 @@ class ZeroShotHead(Head):
     def _fit(self, data: FitData) -> None:
         self.register_buffer("text", data.text)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return CLIP_SCALE * F.normalize(x.float(), dim=-1) @ self.text.T
+    def forward(self, x: torch.Tensor, text_x: torch.Tensor | None = None) -> torch.Tensor:
+        return self._zero_shot(F.normalize(x.float(), dim=-1), text_x)
 
 
 @register_head
@@ -175,7 +188,7 @@ class PrototypeHead(Head):
     def _fit(self, data: FitData) -> None:
         self.register_buffer("prototypes", F.normalize(class_means(data.train_x, data.train_y, data.num_classes), dim=-1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, text_x: torch.Tensor | None = None) -> torch.Tensor:
         return CLIP_SCALE * F.normalize(x.float(), dim=-1) @ self.prototypes.T
 
 
@@ -257,12 +270,15 @@ class TipAdapterHead(Head):
         self.alpha, self.beta = self.init_alpha, self.init_beta
         if self.text is None:
             self.notes.append("image-only: cache term")
-        if not self._no_val(data, "alpha/beta"):
-            self.alpha, self.beta = self.search(data.val_x, data.val_y)
+        if self._given is not None:
+            self.alpha, self.beta = float(self._given.get("alpha", 1.0)), float(self._given["beta"])
+        elif not self._skip_search(data, "alpha/beta"):
+            self.alpha, self.beta = self.search(data.val_x, data.val_y, data.val_text_x)
         self.hparams = {"beta": round(self.beta, 4)} if self.text is None else \
             {"alpha": round(self.alpha, 4), "beta": round(self.beta, 4)}
 
-    def search(self, val_x: torch.Tensor, val_y: torch.Tensor) -> tuple[float, float]:
+    def search(self, val_x: torch.Tensor, val_y: torch.Tensor,
+               val_text_x: torch.Tensor | None = None) -> tuple[float, float]:
         """Vectorised grid search on val.
 
         The affinity is computed once; betas go through the cache in chunks sharing one buffer, and
@@ -270,7 +286,7 @@ class TipAdapterHead(Head):
         """
         betas, alphas = self.grid()
         affinity = self.cache.affinity(val_x)
-        zs = None if self.text is None else CLIP_SCALE * val_x @ self.text.T
+        zs = None if self.text is None else self._zero_shot(val_x, val_text_x)
         buffer = torch.empty((min(self.chunk, len(betas)),) + affinity.shape, dtype=affinity.dtype)
         accs = []
         for start in range(0, len(betas), self.chunk):
@@ -279,12 +295,12 @@ class TipAdapterHead(Head):
         i, j = first_best(torch.cat(accs))
         return (1.0 if zs is None else float(alphas[j])), float(betas[i])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, text_x: torch.Tensor | None = None) -> torch.Tensor:
         x = F.normalize(x.float(), dim=-1)
         cache = self.cache(x, self.beta)
         if self.text is None:
             return cache
-        return CLIP_SCALE * x @ self.text.T + self.alpha * cache
+        return self._zero_shot(x, text_x) + self.alpha * cache
 
 
 def ks_precision(x: torch.Tensor, y: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
@@ -325,15 +341,17 @@ class GDAHead(Head):
         if self.text is None:
             self.notes.append("image-only: no zero-shot ensemble")
             return
-        if not self._no_val(data, "alpha"):
+        if self._given is not None:
+            self.alpha = float(self._given["alpha"])
+        elif not self._skip_search(data, "alpha"):
             alphas = torch.tensor(self.alphas)
-            zs, gda = CLIP_SCALE * data.val_x @ self.text.T, data.val_x @ self.weight.T + self.bias
+            zs, gda = self._zero_shot(data.val_x, data.val_text_x), data.val_x @ self.weight.T + self.bias
             self.alpha = float(alphas[first_best(mixing_accuracy(zs, gda, data.val_y, alphas))[0]])
         self.hparams = {"alpha": self.alpha}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, text_x: torch.Tensor | None = None) -> torch.Tensor:
         x = F.normalize(x.float(), dim=-1)
         gda = x @ self.weight.T + self.bias
         if self.text is None:
             return gda
-        return CLIP_SCALE * x @ self.text.T + self.alpha * gda
+        return self._zero_shot(x, text_x) + self.alpha * gda

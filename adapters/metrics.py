@@ -23,7 +23,9 @@ def classification_metrics(num_classes: int, prefix: str = "") -> MetricCollecti
     }
     if num_classes >= 5:
         metrics["acc5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-    return MetricCollection(metrics, prefix=prefix)
+    # compute_groups=False: torchmetrics would otherwise share one state between metrics it thinks are
+    # alike after the first update, and macro recall ended up computed from the top-5 state.
+    return MetricCollection(metrics, prefix=prefix, compute_groups=False)
 
 
 def score(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

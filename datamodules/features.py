@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+import lightning as L
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
@@ -269,3 +270,123 @@ def write_feature_file(
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
+
+
+# -- training on cached features ----------------------------------------------------------------------
+class _SplitDataset(torch.utils.data.Dataset):
+    """Rows of a (memory-mapped) split as ``{"features": fp32 [D], "label": int}``."""
+
+    def __init__(self, split: Split):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"features": self.split.features[i].float(), "label": self.split.labels[i]}
+
+
+class EpochSampler(torch.utils.data.DistributedSampler):
+    """A DistributedSampler whose order depends only on (seed, epoch, rank), that can skip the samples
+    already trained on in the epoch being resumed."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int, shuffle: bool = True):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.skip_epoch, self.skip = -1, 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        return iter(indices[self.skip:] if self.epoch == self.skip_epoch else indices)
+
+
+class _ResumableLoader(torch.utils.data.DataLoader):
+    """A DataLoader that Lightning saves and restores with the checkpoint (mid-epoch resume)."""
+
+    datamodule: "FeatureDataModule"
+
+    def state_dict(self) -> dict:
+        trainer = self.datamodule.trainer
+        if trainer is None:
+            return {}
+        # Lightning's count of batches trained on (the loader itself runs one prefetched batch ahead)
+        return {"epoch": trainer.current_epoch, "batches": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state and 0 < state["batches"] < len(self):
+            self.sampler.skip_epoch, self.sampler.skip = state["epoch"], state["batches"] * self.batch_size
+
+
+class FeatureDataModule(L.LightningDataModule):
+    """Cached CLIP features from a feature file, for training adapters in seconds.
+
+    Args:
+        path: feature file (.safetensors) or extraction directory (with manifest.json).
+        shots: K per class for training: the file's ``train_{K}shot`` split, else K sampled per class from
+            ``train`` with ``fewshot_seed``; ``None`` trains on all of ``train``.
+        fewshot_seed: few-shot sampling seed (1, 2, 3 in the CoOp protocol).
+        seed: seed of the per-epoch sample order.
+        batch_size: samples per batch and device.
+        num_workers: DataLoader workers (0 is fastest for cached features).
+        val_split / test_split: split names, or None.
+    """
+
+    def __init__(self, path: str, shots: int | None = 16, fewshot_seed: int = 1, seed: int = 0,
+                 batch_size: int = 256, num_workers: int = 0, val_split: str | None = "val",
+                 test_split: str | None = "test"):
+        super().__init__()
+        self.file = FeatureFile(path)
+        self.shots, self.fewshot_seed, self.seed = shots, fewshot_seed, seed
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.val_split = val_split if val_split and self.file.has_split(val_split) else None
+        self.test_split = test_split if test_split and self.file.has_split(test_split) else None
+        self.train, self.train_description = self.file.train_split(shots, fewshot_seed)
+
+    # -- what models link to ----------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return self.file.num_classes
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.file.class_names
+
+    @property
+    def dim(self) -> int:
+        return self.file.dim
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.file.metadata
+
+    @property
+    def dataset_name(self) -> str:
+        return self.file.dataset
+
+    @property
+    def text_features(self) -> torch.Tensor | None:
+        return self.file.text_features
+
+    def head_data(self, module=None) -> tuple[Split, Split | None]:
+        """The K-shot training split and the val split, whole (for caches and hyper-parameter searches)."""
+        return self.train, (self.file.split(self.val_split) if self.val_split else None)
+
+    # -- loaders ------------------------------------------------------------------------------------------
+    def _loader(self, split: Split, train: bool) -> torch.utils.data.DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        dataset = _SplitDataset(split)
+        sampler = EpochSampler(dataset, world, rank, self.seed, shuffle=train)
+        cls = _ResumableLoader if train else torch.utils.data.DataLoader
+        loader = cls(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                     persistent_workers=self.num_workers > 0)
+        loader.datamodule = self
+        return loader
+
+    def train_dataloader(self):
+        return self._loader(self.train, train=True)
+
+    def val_dataloader(self):
+        return [] if self.val_split is None else self._loader(self.file.split(self.val_split), train=False)
+
+    def test_dataloader(self):
+        return [] if self.test_split is None else self._loader(self.file.split(self.test_split), train=False)

@@ -1,0 +1,246 @@
+"""DAC-style adapter: intra-modal contrastive image adapter + modulated class text embeddings.
+
+DAC ("Domain Aligned CLIP for Few-shot Classification", Gondal et al., WACV 2024) improves image-image
+(intra-modal) and image-text (inter-modal) alignment without touching CLIP. Its paper text and code
+were not available (../shared/reference/methods-dac-imo.md §3), so this module builds the design of
+§3.3 with every choice a config field:
+
+(a) **intra-modal adapter**: ``g(f) = norm(f + r * up(drop(relu(down(f)))))`` on L2-normalised image
+    embeddings, ``up`` zero-initialised so that g starts as the identity; trained with a supervised
+    contrastive loss (positives: same class, and the other augmented views of an image when training
+    online; optional Gaussian feature noise gives views on cached features), temperature ``temperature``;
+    negatives gathered across DDP ranks with gradients when ``gather_negatives``.
+(b) **inter-modal modulation**: ``W' = norm(s * (W + delta))`` with a per-dimension scale s (init 1)
+    and a per-class residual delta (init 0), trained with cross-entropy on ``100 * f W'^T``.
+(c) **inference**: ``100 * f W'^T + alpha * exp(-beta (1 - g(f) g(K)^T)) L`` (Tip-Adapter's cache on
+    adapted features, text term on the original ones by default), alpha/beta searched on val only.
+    Without text features, (b) is off and the image-only head (``tip`` cache, ``prototype`` or ``gda``)
+    runs on adapted features.
+
+``schedule="sequential"`` trains (a) for the first ``intra_fraction`` of the epochs, then (b);
+``"joint"`` optimises both losses from the start.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapters.base import AdapterModule, register_adapter
+from adapters.errors import ConfigError
+from adapters.heads import CLIP_SCALE, FitData, Head, build_head
+
+
+class ResidualAdapter(nn.Module):
+    """Residual bottleneck MLP on normalised embeddings, identity at initialisation."""
+
+    def __init__(self, dim: int, hidden: int, residual: float, dropout: float):
+        super().__init__()
+        self.down = nn.Linear(dim, hidden)
+        self.up = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+        self.residual = residual
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x + self.residual * self.up(self.drop(F.relu(self.down(x)))), dim=-1)
+
+
+class TextModulation(nn.Module):
+    """``W' = norm(scale * (W + residual))``: per-dimension scale and per-class residual, identity at init."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+        self.residual = nn.Parameter(torch.zeros(num_classes, dim))
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.scale * (text + self.residual), dim=-1)
+
+
+def supervised_contrastive_loss(z: torch.Tensor, labels: torch.Tensor, z_all: torch.Tensor, labels_all: torch.Tensor,
+                                temperature: float, offset: int = 0) -> torch.Tensor:
+    """SupCon (Khosla et al. 2020): anchors ``z`` [n, D] against candidates ``z_all`` [m, D] that contain
+    the anchors at rows ``offset .. offset + n``. Positives share the label; anchors without any
+    positive are left out."""
+    n = len(z)
+    sim = z @ z_all.T / temperature
+    self_mask = torch.zeros_like(sim, dtype=torch.bool)
+    self_mask[torch.arange(n), offset + torch.arange(n, device=z.device)] = True
+    sim = sim.masked_fill(self_mask, float("-inf"))
+    log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
+    positives = (labels[:, None] == labels_all[None, :]) & ~self_mask
+    count = positives.sum(1)
+    valid = count > 0
+    if not valid.any():
+        return z.sum() * 0.0
+    per_anchor = -log_prob.masked_fill(~positives, 0.0).sum(1) / count.clamp_min(1)
+    return per_anchor[valid].mean()
+
+
+@register_adapter
+class DACAdapter(AdapterModule):
+    """DAC-style intra-modal contrastive adapter with text-embedding modulation (see the module docstring).
+
+    Args:
+        hidden_dim: bottleneck width of the image adapter.
+        residual: weight r of the adapter branch.
+        dropout: dropout inside the adapter.
+        temperature: SupCon temperature.
+        feature_noise: std of Gaussian noise giving a second view of cached features (0: off).
+        gather_negatives: gather embeddings across DDP ranks (with gradients) for global negatives.
+        modulate_text: train the text modulation (b) when text features exist.
+        text_on_adapted: score the text term with adapted instead of original image features.
+        schedule: ``"sequential"`` ((a) then (b)) or ``"joint"``.
+        intra_fraction: share of epochs for (a) in the sequential schedule.
+        inter_weight: weight of the cross-entropy in the joint schedule.
+        inference_head: ``"tip"``, ``"prototype"`` or ``"gda"``, fit on adapted features after training.
+        **kwargs: `AdapterModule` arguments (num_classes, backbone, pretrained, lr, ...).
+    """
+
+    method = "dac"
+
+    def __init__(self, hidden_dim: int = 256, residual: float = 1.0, dropout: float = 0.0, temperature: float = 0.07,
+                 feature_noise: float = 0.0, gather_negatives: bool = True, modulate_text: bool = True,
+                 text_on_adapted: bool = False, schedule: Literal["sequential", "joint"] = "sequential",
+                 intra_fraction: float = 0.5, inter_weight: float = 1.0,
+                 inference_head: Literal["tip", "prototype", "gda"] = "tip", **kwargs):
+        super().__init__(**kwargs)
+        if schedule not in ("sequential", "joint"):
+            raise ConfigError(f"schedule: must be 'sequential' or 'joint', got {schedule!r}")
+        if inference_head not in ("tip", "prototype", "gda"):
+            raise ConfigError(f"inference_head: must be 'tip', 'prototype' or 'gda', got {inference_head!r}")
+        if not 0.0 <= intra_fraction <= 1.0:
+            raise ConfigError(f"intra_fraction: must be in [0, 1], got {intra_fraction}")
+        self.adapter = ResidualAdapter(self.embed_dim, hidden_dim, residual, dropout)
+        self.modulation = TextModulation(self.hparams.num_classes, self.embed_dim)
+        # The few-shot set (original embeddings) becomes the cache of the inference head; exported.
+        self.register_buffer("train_features", torch.zeros(0, self.embed_dim))
+        self.register_buffer("train_labels", torch.zeros(0, dtype=torch.long))
+        self._set_head(None)
+        self.head_hparams: dict | None = None
+        self._val: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- data for the cache and the searches --------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        dm = self.trainer.datamodule
+        if not hasattr(dm, "head_data"):
+            raise ConfigError(f"data: {type(dm).__name__} cannot provide the few-shot features DAC's cache needs")
+        train, val = dm.head_data(self)
+        self.train_features = F.normalize(train.features.float(), dim=-1).to(self.device)
+        self.train_labels = train.labels.to(self.device)
+        if val is not None:
+            self._val = (F.normalize(val.features.float(), dim=-1).to(self.device), val.labels.to(self.device))
+
+    # -- model ----------------------------------------------------------------------------------------------
+    def adapt(self, features: torch.Tensor) -> torch.Tensor:
+        return self.adapter(features)
+
+    def modulated_text(self) -> torch.Tensor:
+        return self.modulation(self.text_features) if self.has_text else self.text_features
+
+    @property
+    def _train_text(self) -> bool:
+        return self.has_text and self.hparams.modulate_text
+
+    def _stage(self) -> str:
+        """Which losses train now: 'intra', 'inter' or 'joint'."""
+        if not self._train_text:
+            return "intra"
+        if self.hparams.schedule == "joint":
+            return "joint"
+        max_epochs = self.trainer.max_epochs if self._trainer is not None and self.trainer.max_epochs else 1
+        return "intra" if self.current_epoch < round(self.hparams.intra_fraction * max_epochs) else "inter"
+
+    def training_loss(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        stage = self._stage()
+        extra, loss = {}, features.new_zeros(())
+        if features.ndim == 3:  # online: V augmented views per image
+            views = features
+            originals = F.normalize(features.mean(1), dim=-1)
+        else:
+            originals = features
+            views = features[:, None]
+            if self.hparams.feature_noise > 0 and stage != "inter":
+                noisy = F.normalize(features + self.hparams.feature_noise * torch.randn_like(features), dim=-1)
+                views = torch.stack([features, noisy], 1)
+        if stage in ("intra", "joint"):
+            v = views.shape[1]
+            z = self.adapter(views.flatten(0, 1))
+            y = labels.repeat_interleave(v)
+            z_all, y_all, offset = z, y, 0
+            if self.hparams.gather_negatives and self.trainer.world_size > 1:
+                z_all = self.all_gather(z, sync_grads=True).flatten(0, 1)
+                y_all = self.all_gather(y).flatten(0, 1)
+                offset = self.global_rank * len(z)
+            intra = supervised_contrastive_loss(z, y, z_all, y_all, self.hparams.temperature, offset)
+            loss = loss + intra
+            extra["supcon"] = intra.detach()
+        if stage in ("inter", "joint"):
+            x = self.adapter(originals) if self.hparams.text_on_adapted else originals
+            inter = F.cross_entropy(CLIP_SCALE * x @ self.modulated_text().T, labels)
+            loss = loss + (self.hparams.inter_weight if stage == "joint" else 1.0) * inter
+            extra["text_ce"] = inter.detach()
+        return loss, extra
+
+    # -- inference ------------------------------------------------------------------------------------------
+    @property
+    def head(self) -> Head | None:
+        return self.__dict__["_head"]
+
+    def _set_head(self, head: Head | None) -> None:
+        # Derived from the exported tensors and hyper-parameters: kept out of the module tree so that it
+        # never enters checkpoints or exports (nn.Module would register it as a submodule).
+        self.__dict__["_head"] = head
+
+    def _fit_head(self, search: bool) -> Head:
+        with torch.no_grad():
+            keys = self.adapter(self.train_features)
+            text = self.modulated_text().detach() if self.has_text else None
+            val_x = val_y = val_text_x = None
+            if search and self._val is not None:
+                val_text_x, val_y = self._val
+                val_x = self.adapter(val_text_x)
+                if self.hparams.text_on_adapted:
+                    val_text_x = val_x
+            data = FitData(keys.cpu(), self.train_labels.cpu(), self.hparams.num_classes,
+                           text=None if text is None else text.cpu(),
+                           val_x=None if val_x is None else val_x.cpu(), val_y=None if val_y is None else val_y.cpu(),
+                           dataset=self.hparams.dataset, val_text_x=None if val_text_x is None else val_text_x.cpu())
+            head = build_head(self.hparams.inference_head, dataset=self.hparams.dataset)
+            fixed = self.head_hparams if not search else None
+            if fixed is None and not search:
+                fixed = {"alpha": head.init_alpha, "beta": head.init_beta} if hasattr(head, "init_alpha") else {"alpha": 1.0}
+            return head.fit(data, hparams=fixed)
+
+    def on_validation_epoch_start(self) -> None:
+        if self.head_hparams is None:  # during training: the head at its default hyper-parameters
+            self._set_head(self._fit_head(search=False))
+
+    def finalize(self) -> None:
+        """Choose the head's hyper-parameters on val (once), after training."""
+        if self.train_features.numel() == 0:
+            return
+        if self.head_hparams is None:
+            self._set_head(self._fit_head(search=self._val is not None))
+            self.head_hparams = dict(self.head.hparams)
+        elif self.head is None:
+            self._set_head(self._fit_head(search=False))
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            self._set_head(self._fit_head(search=False))
+        features = F.normalize(features.float(), dim=-1)
+        text_x = self.adapter(features) if self.hparams.text_on_adapted else features
+        return self.head(self.adapter(features).cpu(), text_x=text_x.cpu()).to(features.device)
+
+    def export_config(self) -> dict:
+        return {"head": self.hparams.inference_head, "head_hparams": self.head_hparams}
+
+    def load_export_config(self, config: dict) -> None:
+        self.head_hparams = config.get("head_hparams")
+        self._set_head(None)

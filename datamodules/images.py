@@ -1,0 +1,382 @@
+"""ImageShardDataModule: stream webdataset tar shards to (multi-GPU DDP) training and prediction.
+
+The train pipeline follows open_clip's recipe (../shared/reference/ecosystem.md §2.3) with the DDP
+pitfalls fixed explicitly:
+
+1. the shard list is permuted by a seed and the *shared* epoch, identically on every rank and worker;
+2. it is split by rank with the rank and world size taken from the Lightning trainer (never from
+   environment variables, which Lightning's launcher does not set for every strategy), then by worker;
+3. samples are shuffled in a buffer seeded by (seed, epoch, rank, worker), decoded, transformed with
+   the backbone's CLIP transforms and batched with ``partial=False``;
+4. ``with_epoch`` cuts every worker at the same number of batches, so every rank yields the same count
+   and DDP cannot hang at the epoch end.
+
+**What an epoch contains.** With S shards, R ranks and W workers, each worker receives at least
+``floor(S / (R W))`` shards in every epoch. Each worker yields ``n = floor(m / B)`` batches, where m is
+the sum of the ``floor(S / (R W))`` smallest shard sample counts (a bound that holds for every epoch's
+permutation). So no sample is repeated within an epoch; the samples a worker has beyond ``n * B`` are
+dropped for that epoch (which ones changes with the permutation). With equal shards and S divisible
+by R W only the last partial batch of each worker is dropped.
+
+**Resume.** Data order is a pure function of (seed, epoch, rank, worker, batch). The loader's
+``state_dict`` records the epoch and the number of batches trained on; after a mid-epoch resume each
+worker skips its share of samples *before* decoding, so the epoch continues where it stopped.
+
+**Corrupt data.** ``on_corrupt="skip"`` (default) skips an unreadable shard or sample, counts it and
+logs a warning (the count is reported at the end of each epoch); ``"raise"`` stops at the first one
+with a one-line error naming the shard and sample.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import multiprocessing as mp
+import random
+from functools import partial
+from typing import Callable, Literal, Sequence
+
+import lightning as L
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import get_worker_info
+
+from adapters.errors import ConfigError, UserError
+from adapters.protocol import few_shot_indices
+from datamodules.shards import IMAGE_KEYS, ShardSplit, load_split
+
+log = logging.getLogger(__name__)
+
+
+class CorruptDataError(UserError):
+    """A shard or sample could not be read or decoded (``on_corrupt="raise"``)."""
+
+
+# -- pipeline stages (module-level functions so that they pickle for spawned workers) ---------------
+def _shard_permutation(urls: list[str], seed: int, epoch) -> list[str]:
+    order = list(urls)
+    random.Random(f"shards-{seed}-{epoch.value}").shuffle(order)
+    return order
+
+
+def epoch_shuffled_shards(src, seed: int, epoch):
+    """Permute the shard list by (seed, epoch): the same permutation on every rank and worker, so the
+    rank and worker splits that follow partition it."""
+    urls = [s["url"] for s in src]
+    for url in _shard_permutation(urls, seed, epoch):
+        yield {"url": url}
+
+
+def split_by_rank(src, rank: int, world_size: int):
+    """Keep every ``world_size``-th shard starting at ``rank`` (rank passed explicitly)."""
+    for i, shard in enumerate(src):
+        if i % world_size == rank:
+            yield shard
+
+
+def worker_id() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def seeded_shuffle(src, bufsize: int, seed: int, epoch, rank: int):
+    """A shuffle buffer whose RNG depends on (seed, epoch, rank, worker): reproducible order."""
+    rng = random.Random(f"samples-{seed}-{epoch.value}-{rank}-{worker_id()[0]}")
+    return wds.filters._shuffle(src, bufsize, min(bufsize, 100), rng)
+
+
+def skip_consumed(src, batch_size: int, skip_batches, skip_epoch, epoch):
+    """After a mid-epoch resume: drop the samples of the batches this worker already produced in the
+    resumed epoch (``skip_epoch``); other epochs skip nothing.
+
+    DataLoader workers hand out batches round-robin, so global batch j came from worker j % W.
+    """
+    done = skip_batches.value if skip_epoch.value == epoch.value else 0
+    worker, workers = worker_id()
+    skip = batch_size * max(0, -(-(done - worker) // workers))
+    for i, sample in enumerate(src):
+        if i >= skip:
+            yield sample
+
+
+def select_keys(src, keys: frozenset):
+    for sample in src:
+        if sample.get("__key__") in keys:
+            yield sample
+
+
+class _CorruptHandler:
+    """webdataset exception handler implementing the corrupt-data policy (picklable, counts shared)."""
+
+    def __init__(self, policy: str, counter):
+        self.policy, self.counter = policy, counter
+
+    def __call__(self, exn: Exception) -> bool:
+        message = _describe(exn)
+        if self.policy == "raise":
+            raise CorruptDataError(message) from exn
+        with self.counter.get_lock():
+            self.counter.value += 1
+            n = self.counter.value
+        if n <= 10 or n % 100 == 0:
+            log.warning("skipping corrupt data (%d so far): %s", n, message)
+        return True
+
+
+def _describe(exn: Exception) -> str:
+    """One line naming the shard (and sample) behind a webdataset/PIL/tar exception."""
+    if isinstance(exn, CorruptDataError):
+        return str(exn)
+    parts = [str(a) for a in exn.args if isinstance(a, str) and a]
+    text = "; ".join(parts) or type(exn).__name__
+    return " ".join(f"{type(exn).__name__}: {text}".split())
+
+
+def decode_sample(sample: dict, transform: Callable, views: int, num_classes: int, label: str,
+                  class_index: dict | None) -> dict:
+    """Image bytes -> transformed tensor(s), label -> int; errors name the shard and sample key."""
+    where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
+    data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+    if data is None:
+        raise CorruptDataError(f"{where}: no image member ({', '.join(IMAGE_KEYS)})")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        image = image.convert("RGB")
+    except Exception as e:  # PIL raises many types for bad bytes
+        raise CorruptDataError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from None
+    try:
+        if label == "cls":
+            y = int(sample["cls"])
+        else:
+            from datamodules.shards import label_of
+
+            y = label_of({k: v for k, v in sample.items()}, label, class_index, where)
+    except (KeyError, ValueError, TypeError, UserError) as e:
+        raise CorruptDataError(f"{where}: bad label ({e})") from None
+    if not 0 <= y < num_classes:
+        raise CorruptDataError(f"{where}: label {y} outside 0..{num_classes - 1}")
+    pixels = torch.stack([transform(image) for _ in range(views)]) if views > 1 else transform(image)
+    return {"image": pixels, "label": y, "key": sample["__key__"]}
+
+
+def collate(samples: list[dict]) -> dict:
+    return {"image": torch.stack([s["image"] for s in samples]),
+            "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+            "key": [s["key"] for s in samples]}
+
+
+# -- loaders ----------------------------------------------------------------------------------------
+class ShardLoader:
+    """A ``wds.WebLoader`` with a length Lightning reads and a ``state_dict`` for mid-epoch resume."""
+
+    def __init__(self, loader: wds.WebLoader, length: int, datamodule: "ImageShardDataModule | None" = None):
+        self.loader, self.length, self.datamodule = loader, length, datamodule
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def state_dict(self) -> dict:
+        dm = self.datamodule
+        return {} if dm is None else dm.loader_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.datamodule is not None and state:
+            self.datamodule.load_loader_state(state, self.length)
+
+
+class ImageShardDataModule(L.LightningDataModule):
+    """Stream labelled images from webdataset shards (written by ``python -m datamodules.shards``).
+
+    Args:
+        shards: directory holding ``dataset.json`` (or the manifest file itself).
+        train_split / val_split / test_split: split names in the manifest (``None`` to disable).
+        predict_splits: splits that ``predict`` (feature extraction) iterates, one loader each.
+        batch_size: samples per batch on each device.
+        num_workers: loader workers per rank.
+        shots: K samples per class for the training split (``None``: all), chosen by ``fewshot_seed``
+            with the protocol's sampler, from the index file (no image is opened to choose).
+        fewshot_seed: the few-shot seed (1, 2, 3 in the CoOp protocol).
+        seed: seed of shard permutation and sample shuffling.
+        shuffle_buffer: samples in each worker's shuffle buffer.
+        augment: use the backbone's few-shot train augmentation for training (else its eval transform).
+        views: augmented views per image in prediction (averaged by the extractor: the Tip-Adapter cache
+            recipe); 1 means the eval transform.
+        on_corrupt: ``"skip"`` (count, warn, continue) or ``"raise"`` (fail on the first one).
+    """
+
+    def __init__(self, shards: str, train_split: str | None = "train", val_split: str | None = None,
+                 test_split: str | None = None, predict_splits: Sequence[str] = ("train",), batch_size: int = 64,
+                 num_workers: int = 2, shots: int | None = None, fewshot_seed: int = 1, seed: int = 0,
+                 shuffle_buffer: int = 1000, augment: bool = True, views: int = 1,
+                 on_corrupt: Literal["skip", "raise"] = "skip"):
+        super().__init__()
+        if on_corrupt not in ("skip", "raise"):
+            raise ConfigError(f"on_corrupt: must be 'skip' or 'raise', got {on_corrupt!r}")
+        if batch_size < 1 or num_workers < 0 or views < 1:
+            raise ConfigError("batch_size and views must be >= 1 and num_workers >= 0")
+        self.shards, self.train_split, self.val_split, self.test_split = shards, train_split, val_split, test_split
+        self.predict_splits = list(predict_splits)
+        self.batch_size, self.num_workers, self.shots, self.fewshot_seed = batch_size, num_workers, shots, fewshot_seed
+        self.seed, self.shuffle_buffer, self.augment, self.views, self.on_corrupt = \
+            seed, shuffle_buffer, augment, views, on_corrupt
+        self.class_names: list[str] = load_split(shards, (train_split or self.predict_splits[0]))[1]
+        self.train_transform: Callable | None = None
+        self.eval_transform: Callable | None = None
+        self._shared = None
+
+    # -- shared state: created per process (multiprocessing values do not pickle into spawned ranks) --
+    @property
+    def shared(self):
+        if self._shared is None:
+            self._shared = {name: mp.Value("i", -1 if name == "skip_epoch" else 0)
+                            for name in ("epoch", "skip", "skip_epoch", "corrupt")}
+        return self._shared
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def corrupt_count(self) -> int:
+        """Corrupt shards/samples skipped so far in this process (all workers)."""
+        return self.shared["corrupt"].value
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the model at each train epoch start: reshuffles shards for the new epoch."""
+        self.shared["epoch"].value = epoch
+
+    def set_transforms(self, train: Callable, eval: Callable) -> None:
+        self.train_transform, self.eval_transform = train, eval
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def setup(self, stage: str) -> None:
+        if self.train_transform is None:
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            backbone = getattr(module, "backbone", None)
+            if backbone is None:
+                raise ConfigError("ImageShardDataModule: no transforms (call set_transforms, or train a model "
+                                  "with a `backbone`)")
+            self.set_transforms(backbone.train_transform, backbone.eval_transform)
+
+    # -- few-shot selection ---------------------------------------------------------------------------
+    def _selection(self, split: ShardSplit) -> tuple[list[str], list[int], frozenset | None]:
+        """(urls, sample count per url, selected keys or None) for ``split``."""
+        if not self.shots or split.name != self.train_split:
+            return split.urls, [s["count"] for s in split.shards], None
+        keys, labels, shard_names = split.read_index()
+        short = [c for c, n in enumerate(split.class_counts) if 0 < n < self.shots]
+        if short:
+            raise ConfigError(f"shots: {self.shots} is larger than the {split.class_counts[short[0]]} samples "
+                              f"of class {short[0]} in {split.index_file}")
+        chosen = few_shot_indices(labels, self.shots, self.fewshot_seed).tolist()
+        per_shard: dict[str, int] = {}
+        for i in chosen:
+            per_shard[shard_names[i]] = per_shard.get(shard_names[i], 0) + 1
+        names = [s["name"] for s in split.shards if s["name"] in per_shard]
+        return [str(split.root / n) for n in names], [per_shard[n] for n in names], frozenset(keys[i] for i in chosen)
+
+    def train_batches_per_worker(self, counts: Sequence[int], world: int, workers: int) -> int:
+        """Batches every worker yields per epoch (see the module docstring for the bound)."""
+        per_worker = len(counts) // (world * workers)
+        if per_worker == 0:
+            raise ConfigError(f"{self.shards}: {len(counts)} shards with data for split {self.train_split!r} but "
+                              f"num_workers ({workers}) x world_size ({world}) = {workers * world} readers need at "
+                              "least one shard each; write smaller shards (--max_count) or use fewer workers")
+        n = sum(sorted(counts)[:per_worker]) // self.batch_size
+        if n == 0:
+            raise ConfigError(f"batch_size: {self.batch_size} is larger than the {sum(sorted(counts)[:per_worker])} "
+                              "samples each reader is guaranteed per epoch")
+        return n
+
+    # -- loaders --------------------------------------------------------------------------------------
+    def _pipeline(self, split: ShardSplit, urls: list[str], *, train: bool, keys: frozenset | None,
+                  transform: Callable, views: int) -> wds.DataPipeline:
+        rank, world = self._rank_world()
+        shared = self.shared
+        handler = _CorruptHandler(self.on_corrupt, shared["corrupt"])
+        stages = [wds.SimpleShardList(urls)]
+        if train:
+            stages.append(partial(epoch_shuffled_shards, seed=self.seed, epoch=shared["epoch"]))
+        stages += [partial(split_by_rank, rank=rank, world_size=world), wds.split_by_worker,
+                   wds.tarfile_to_samples(handler=handler)]
+        if keys is not None:
+            stages.append(partial(select_keys, keys=keys))
+        if train:
+            stages += [partial(seeded_shuffle, bufsize=self.shuffle_buffer, seed=self.seed, epoch=shared["epoch"],
+                               rank=rank),
+                       partial(skip_consumed, batch_size=self.batch_size, skip_batches=shared["skip"],
+                               skip_epoch=shared["skip_epoch"], epoch=shared["epoch"])]
+        stages += [wds.map(partial(decode_sample, transform=transform, views=views, num_classes=self.num_classes,
+                                   label=split.label, class_index={c: i for i, c in enumerate(self.class_names)}),
+                           handler=handler),
+                   wds.batched(self.batch_size, collation_fn=collate, partial=not train)]
+        return wds.DataPipeline(*stages)
+
+    def _eval_length(self, counts: Sequence[int], rank: int, world: int, workers: int) -> int:
+        """Exact batch count of rank ``rank`` for a deterministic (unshuffled) split with partial batches."""
+        mine = list(counts)[rank::world]
+        return sum(-(-sum(mine[w::workers]) // self.batch_size) for w in range(workers))
+
+    def train_dataloader(self) -> ShardLoader:
+        split, _ = load_split(self.shards, self.train_split)
+        urls, counts, keys = self._selection(split)
+        rank, world = self._rank_world()
+        workers = max(1, self.num_workers)
+        per_worker = self.train_batches_per_worker(counts, world, workers)
+        if self.trainer is not None:
+            self.shared["epoch"].value = self.trainer.current_epoch
+        transform = self.train_transform if self.augment else self.eval_transform
+        pipeline = self._pipeline(split, urls, train=True, keys=keys, transform=transform, views=1)
+        pipeline = pipeline.with_epoch(per_worker)
+        loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=self.num_workers)
+        return ShardLoader(loader.with_length(per_worker * workers), per_worker * workers, self)
+
+    def _eval_loader(self, split_name: str, views: int = 1) -> ShardLoader:
+        split, _ = load_split(self.shards, split_name)
+        rank, world = self._rank_world()
+        if len(split.shards) < world:
+            raise ConfigError(f"{self.shards}: split {split_name!r} has {len(split.shards)} shards for "
+                              f"world_size {world}: every rank needs at least one")
+        workers = max(1, min(self.num_workers, len(split.shards[rank::world])))
+        transform = self.train_transform if views > 1 else self.eval_transform
+        pipeline = self._pipeline(split, split.urls, train=False, keys=None, transform=transform, views=views)
+        length = self._eval_length([s["count"] for s in split.shards], rank, world, workers)
+        loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False,
+                               num_workers=workers if self.num_workers else 0)
+        return ShardLoader(loader.with_length(length), length)
+
+    def val_dataloader(self):
+        return [] if self.val_split is None else self._eval_loader(self.val_split)
+
+    def test_dataloader(self):
+        return [] if self.test_split is None else self._eval_loader(self.test_split)
+
+    def predict_dataloader(self):
+        return [self._eval_loader(s, self.views if s == self.train_split else 1) for s in self.predict_splits]
+
+    # -- resume ---------------------------------------------------------------------------------------
+    def loader_state(self) -> dict:
+        """Epoch and batches trained on so far in it (Lightning's own count, not the prefetching loader's)."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": trainer.current_epoch, "batches": done, "seed": self.seed}
+
+    def load_loader_state(self, state: dict, length: int) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            log.warning("resuming with a different data seed: the epoch restarts from its first batch")
+            return
+        if 0 < state.get("batches", 0) < length:
+            self.shared["skip_epoch"].value = state["epoch"]
+            self.shared["skip"].value = state["batches"]
+
+    def state_dict(self) -> dict:
+        return {"corrupt_skipped": self.corrupt_count}

@@ -1,0 +1,395 @@
+"""Webdataset tar shards: write them from an image folder, a CSV or a CoOp split file; index existing ones.
+
+Usage::
+
+    python -m datamodules.shards folder IMAGES_DIR --out SHARDS_DIR [--split train] [--max_count 1000]
+    python -m datamodules.shards csv LIST.csv --out SHARDS_DIR [--image_root DIR]
+    python -m datamodules.shards coop split_zhou_Caltech101.json --image_root DIR --out SHARDS_DIR
+    python -m datamodules.shards index 'DIR/{00000..00009}.tar' --out SHARDS_DIR --label txt --class_names names.txt
+
+Each sample holds ``__key__``, the image under its format's extension (``jpg`` for JPEGs: the original
+bytes, re-encoded only with ``--reencode``), ``cls`` (int label) and ``json`` (class name, source path,
+split). Shards are ``{split}-{000000}.tar``, written atomically in a deterministic order (sorted, then
+shuffled with ``--seed`` so that every shard mixes classes). The output directory gets:
+
+* ``dataset.json``: class names and, per split, the sample count, class counts and the shard list with
+  sample counts and byte sizes (what the streaming DataModule needs to equalise ranks);
+* ``{split}-index.tsv``: one ``key<TAB>label<TAB>shard`` line per sample, for few-shot selection
+  without opening any image.
+
+``index`` writes the same two files for shards written by other tools (img2dataset's ``jpg``/``txt``/
+``json``), reading labels from ``cls``, from ``txt`` matched against class names, or from a ``json`` field.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import random
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import webdataset as wds
+
+from adapters.atomic import atomic_path, atomic_write_text
+from adapters.errors import ConfigError, UserError
+
+MANIFEST = "dataset.json"
+MANIFEST_FORMAT = "clip-adapters-shards"
+IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".bmp": "bmp",
+                    ".gif": "gif", ".tif": "tiff", ".tiff": "tiff", ".ppm": "ppm"}
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tiff", "ppm")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One labelled image to write."""
+
+    path: Path
+    label: int
+    split: str
+
+
+# -- sources ----------------------------------------------------------------------------------------
+def from_folder(root: str | Path, split: str = "train") -> tuple[list[Record], list[str]]:
+    """``root/<class>/<file>``: classes are the sorted sub-folder names."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"{root}: image folder not found")
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir())
+    if not class_dirs:
+        raise ConfigError(f"{root}: no class sub-folders (expected <class>/<image> files)")
+    records = [Record(f, y, split) for y, d in enumerate(class_dirs)
+               for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
+    if not records:
+        raise ConfigError(f"{root}: no image files in the class sub-folders")
+    return records, [d.name.replace("_", " ") for d in class_dirs]
+
+
+def from_csv(path: str | Path, image_root: str | Path | None = None, split: str = "train") -> tuple[list[Record], list[str]]:
+    """A CSV with a header ``path,label[,split]``; labels are integers or class names."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: CSV file not found")
+    root = Path(image_root) if image_root else path.parent
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"path", "label"} <= set(rows[0]):
+        raise ConfigError(f"{path}: expected a header with columns 'path,label' (optionally 'split')")
+    raw = [r["label"].strip() for r in rows]
+    if all(v.lstrip("-").isdigit() for v in raw):
+        labels = [int(v) for v in raw]
+        if min(labels) < 0:
+            raise ConfigError(f"{path}: negative label {min(labels)}")
+        class_names = [str(i) for i in range(max(labels) + 1)]
+    else:
+        class_names = sorted(set(raw))
+        labels = [class_names.index(v) for v in raw]
+    records = [Record(root / r["path"], y, (r.get("split") or split).strip()) for r, y in zip(rows, labels)]
+    return records, class_names
+
+
+def from_coop_split(path: str | Path, image_root: str | Path) -> tuple[list[Record], list[str]]:
+    """A CoOp ``split_zhou_*.json``: ``{"train"|"val"|"test": [[relative path, label, class name], ...]}``."""
+    path = Path(path)
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read CoOp split file ({e})") from None
+    names: dict[int, str] = {}
+    records = []
+    for split in ("train", "val", "test"):
+        for i, entry in enumerate(data.get(split, [])):
+            try:
+                rel, label, name = entry
+                label = int(label)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{path}: {split}[{i}] is not [path, label, class name]") from None
+            names[label] = name
+            records.append(Record(Path(image_root) / rel, label, split))
+    if not records:
+        raise ConfigError(f"{path}: no train/val/test entries")
+    return records, [names.get(i, str(i)) for i in range(max(names) + 1)]
+
+
+# -- writing ----------------------------------------------------------------------------------------
+def _image_payload(record: Record, reencode: bool) -> tuple[str, bytes]:
+    """(extension key, bytes): the file's own bytes, or a JPEG re-encode when asked."""
+    try:
+        data = record.path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{record.path}: cannot read image ({e.strerror})") from None
+    ext = IMAGE_EXTENSIONS.get(record.path.suffix.lower())
+    if ext is None:
+        raise UserError(f"{record.path}: not an image file extension ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    if reencode and ext != "jpg":
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(data)).convert("RGB").save(buf, format="JPEG", quality=95)
+        return "jpg", buf.getvalue()
+    return ext, data
+
+
+def write_shards(records: Sequence[Record], class_names: Sequence[str], out_dir: str | Path, *,
+                 max_count: int = 1000, max_size: int | None = None, seed: int = 0, reencode: bool = False,
+                 progress: bool = True) -> dict:
+    """Write ``records`` into ``out_dir`` as tar shards per split, plus manifest and index files."""
+    if max_count < 1:
+        raise ConfigError(f"max_count: must be >= 1, got {max_count}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = {"format": MANIFEST_FORMAT, "version": 1, "class_names": list(class_names), "splits": {}}
+    for split in sorted({r.split for r in records}):
+        if not split.replace("_", "").isalnum():
+            raise ConfigError(f"split: {split!r} must be alphanumeric (used in shard file names)")
+        items = sorted((r for r in records if r.split == split), key=lambda r: (r.label, str(r.path)))
+        random.Random(seed).shuffle(items)  # deterministic, and every shard mixes classes
+        manifest["splits"][split] = _write_split(split, items, len(class_names), class_names, out_dir,
+                                                  max_count, max_size, reencode, progress)
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _write_split(split, items, num_classes, class_names, out_dir, max_count, max_size, reencode, progress):
+    shards, index_lines = [], []
+    class_counts = [0] * num_classes
+    iterator: Iterable = items
+    if progress:
+        from rich.progress import track
+
+        iterator = track(items, description=f"writing {split} shards", transient=True)
+    writer = None
+    for i, record in enumerate(iterator):
+        ext, data = _image_payload(record, reencode)
+        if writer is None or writer.count >= max_count or (max_size and writer.bytes + len(data) > max_size):
+            if writer is not None:
+                shards.append(writer.close())
+            writer = _ShardWriter(out_dir / f"{split}-{len(shards):06d}.tar")
+        if not 0 <= record.label < num_classes:
+            raise ConfigError(f"{record.path}: label {record.label} outside 0..{num_classes - 1}")
+        key = f"{split}_{i:08d}"
+        writer.write({"__key__": key, ext: data, "cls": record.label,
+                      "json": {"class_name": class_names[record.label], "source": str(record.path), "split": split}})
+        index_lines.append(f"{key}\t{record.label}\t{writer.path.name}")
+        class_counts[record.label] += 1
+    if writer is not None:
+        shards.append(writer.close())
+    atomic_write_text(out_dir / f"{split}-index.tsv", "".join(line + "\n" for line in index_lines))
+    return {"count": len(items), "class_counts": class_counts, "shards": shards, "index": f"{split}-index.tsv"}
+
+
+class _ShardWriter:
+    """One tar shard, written to a temporary file and renamed into place when closed."""
+
+    def __init__(self, path: Path):
+        self.path, self.count, self.bytes = path, 0, 0
+        self._ctx = atomic_path(path)
+        self._tmp = self._ctx.__enter__()
+        self._stream = open(self._tmp, "wb")
+        self._tar = wds.TarWriter(self._stream, mtime=0)  # fixed mtime: identical inputs give identical bytes
+
+    def write(self, sample: dict) -> None:
+        self.bytes += self._tar.write(sample)
+        self.count += 1
+
+    def close(self) -> dict:
+        self._tar.close()
+        self._stream.close()
+        self._ctx.__exit__(None, None, None)
+        return {"name": self.path.name, "count": self.count, "bytes": self.path.stat().st_size}
+
+
+# -- existing shards --------------------------------------------------------------------------------
+def iter_tar_samples(path: str | Path) -> Iterator[dict[str, bytes]]:
+    """Group the members of one tar by key (``__key__`` plus one entry per extension), no decoding."""
+    current: dict[str, bytes] | None = None
+    with tarfile.open(path, "r") as tar:
+        for member in tar:
+            if not member.isreg():
+                continue
+            stem, _, ext = member.name.partition(".")
+            if current is None or current["__key__"] != stem:
+                if current is not None:
+                    yield current
+                current = {"__key__": stem}
+            current[ext] = tar.extractfile(member).read()
+    if current is not None:
+        yield current
+
+
+def label_of(sample: dict, label: str, class_index: dict[str, int] | None, source: str) -> int:
+    """The integer label of a raw sample: ``cls``, ``txt`` (a class name) or ``json:<field>``."""
+    try:
+        if label == "cls":
+            return int(sample["cls"])
+        if label == "txt":
+            value = sample["txt"].decode().strip()
+        elif label.startswith("json:"):
+            value = json.loads(sample["json"])[label[5:]]
+        else:
+            raise ConfigError(f"label: {label!r} must be 'cls', 'txt' or 'json:<field>'")
+    except KeyError as e:
+        raise UserError(f"{source}: sample {sample['__key__']} has no {e.args[0]!r} for label={label!r}") from None
+    if isinstance(value, int) or (isinstance(value, str) and value.isdigit() and not class_index):
+        return int(value)
+    if class_index is None or value not in class_index:
+        raise UserError(f"{source}: sample {sample['__key__']}: label {value!r} is not a known class name")
+    return class_index[value]
+
+
+def index_shards(shards: Sequence[str | Path], out_dir: str | Path, *, split: str = "train", label: str = "cls",
+                 class_names: Sequence[str] | None = None) -> dict:
+    """Write ``dataset.json`` and ``{split}-index.tsv`` for existing shards (e.g. from img2dataset)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    class_index = {c: i for i, c in enumerate(class_names)} if class_names else None
+    entries, lines, labels = [], [], []
+    for shard in shards:
+        shard = Path(shard)
+        count = 0
+        try:
+            for sample in iter_tar_samples(shard):
+                if not any(k in sample for k in IMAGE_KEYS):
+                    continue
+                y = label_of(sample, label, class_index, str(shard))
+                lines.append(f"{sample['__key__']}\t{y}\t{_relative(shard, out_dir)}")
+                labels.append(y)
+                count += 1
+        except (tarfile.TarError, OSError) as e:
+            raise UserError(f"{shard}: unreadable tar shard ({e})") from None
+        entries.append({"name": _relative(shard, out_dir), "count": count, "bytes": shard.stat().st_size})
+    num_classes = len(class_names) if class_names else (max(labels) + 1 if labels else 0)
+    counts = [0] * num_classes
+    for y in labels:
+        counts[y] += 1
+    atomic_write_text(out_dir / f"{split}-index.tsv", "".join(line + "\n" for line in lines))
+    manifest_path = out_dir / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else \
+        {"format": MANIFEST_FORMAT, "version": 1, "splits": {}}
+    manifest["class_names"] = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+    manifest["splits"][split] = {"count": len(labels), "class_counts": counts, "shards": entries,
+                                 "index": f"{split}-index.tsv", "label": label}
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+# -- reading manifests ------------------------------------------------------------------------------
+@dataclass
+class ShardSplit:
+    """One split of a shard dataset, as its manifest describes it."""
+
+    root: Path
+    name: str
+    shards: list[dict]
+    count: int
+    class_counts: list[int]
+    index_file: Path
+    label: str = "cls"
+
+    @property
+    def urls(self) -> list[str]:
+        return [str(self.root / s["name"]) for s in self.shards]
+
+    def read_index(self) -> tuple[list[str], list[int], list[str]]:
+        """(keys, labels, shard names) in index order; streams the TSV, no image is opened."""
+        keys, labels, shards = [], [], []
+        try:
+            with open(self.index_file) as f:
+                for n, line in enumerate(f, 1):
+                    key, label, shard = line.rstrip("\n").split("\t")
+                    keys.append(key)
+                    labels.append(int(label))
+                    shards.append(shard)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{self.index_file}: unreadable index ({e})") from None
+        return keys, labels, shards
+
+
+def read_manifest(root: str | Path) -> dict:
+    root = Path(root)
+    path = root / MANIFEST if root.is_dir() else root
+    if not path.is_file():
+        raise ConfigError(f"{path}: shard manifest not found (write shards with `python -m datamodules.shards`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: malformed shard manifest ({e})") from None
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ConfigError(f"{path}: not a {MANIFEST_FORMAT} manifest")
+    return manifest
+
+
+def load_split(root: str | Path, split: str) -> tuple[ShardSplit, list[str]]:
+    """The manifest entry of ``split`` under ``root`` and the dataset's class names."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    base = root if root.is_dir() else root.parent
+    if split not in manifest["splits"]:
+        raise ConfigError(f"{base / MANIFEST}: no split {split!r} (has: {', '.join(sorted(manifest['splits']))})")
+    entry = manifest["splits"][split]
+    return ShardSplit(base, split, entry["shards"], entry["count"], entry["class_counts"], base / entry["index"],
+                      entry.get("label", "cls")), manifest["class_names"]
+
+
+# -- command line ------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m datamodules.shards", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="source", required=True)
+    for name, helptext in [("folder", "an image folder <class>/<file>"), ("csv", "a CSV with path,label[,split]"),
+                           ("coop", "a CoOp split_zhou_*.json")]:
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("src")
+        s.add_argument("--out", required=True, help="output directory for shards, dataset.json and index files")
+        s.add_argument("--split", default="train", help="split name for folder/CSV sources without a split column")
+        s.add_argument("--image_root", help="base folder of relative image paths (CSV: defaults to its folder)")
+        s.add_argument("--max_count", type=int, default=1000, help="samples per shard")
+        s.add_argument("--max_size", type=float, default=None, help="bytes per shard (whichever limit comes first)")
+        s.add_argument("--seed", type=int, default=0, help="seed of the deterministic sample order")
+        s.add_argument("--reencode", action="store_true", help="re-encode non-JPEG images as JPEG")
+    s = sub.add_parser("index", help="write dataset.json + index for existing shards (e.g. img2dataset)")
+    s.add_argument("shards", nargs="+", help="tar files or brace patterns ('dir/{00000..00009}.tar')")
+    s.add_argument("--out", required=True)
+    s.add_argument("--split", default="train")
+    s.add_argument("--label", default="cls", help="'cls', 'txt' (class name) or 'json:<field>'")
+    s.add_argument("--class_names", help="text file with one class name per line (label order)")
+    args = p.parse_args(argv)
+    try:
+        if args.source == "index":
+            urls = [u for pattern in args.shards for u in wds.shardlists.expand_urls(pattern)]
+            names = Path(args.class_names).read_text().splitlines() if args.class_names else None
+            manifest = index_shards(urls, args.out, split=args.split, label=args.label, class_names=names)
+        else:
+            if args.source == "folder":
+                records, names = from_folder(args.src, args.split)
+            elif args.source == "csv":
+                records, names = from_csv(args.src, args.image_root, args.split)
+            else:
+                if not args.image_root:
+                    raise ConfigError("--image_root: required for CoOp split files")
+                records, names = from_coop_split(args.src, args.image_root)
+            manifest = write_shards(records, names, args.out, max_count=args.max_count,
+                                    max_size=int(args.max_size) if args.max_size else None, seed=args.seed,
+                                    reencode=args.reencode, progress=sys.stderr.isatty())
+    except (UserError, OSError) as e:
+        print(f"datamodules.shards: error: {e}", file=sys.stderr)
+        return 2
+    for split, entry in manifest["splits"].items():
+        print(f"{split}: {entry['count']} samples in {len(entry['shards'])} shards")
+    print(f"manifest: {Path(args.out) / MANIFEST}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Train, validate, test adapters and extract features (LightningCLI).
+
+Examples::
+
+    python train.py fit --config configs/dac/caltech101.yaml --run_dir runs/dac-caltech
+    python train.py fit --config configs/dac/caltech101.yaml --run_dir runs/dac-caltech --ckpt_path last  # resume
+    python train.py test --config configs/dac/caltech101.yaml --run_dir runs/dac-caltech --ckpt_path last
+    python train.py predict --config configs/extract.yaml --run_dir runs/extract-cifar10   # feature extraction
+    python train.py fit --config configs/dac/caltech101.yaml --print_config
+
+Everything of a run lives in ``--run_dir``: ``config.yaml``, ``checkpoints/last.ckpt`` and the
+step-interval checkpoints, CSV and TensorBoard logs (``logs/``), the exported adapter (``adapter/``)
+and, for ``predict``, the extracted features (``features/``). ``--ckpt_path last`` resumes from the
+newest ``last.ckpt`` of the run directory and starts fresh (with a warning) when there is none, so a
+requeued cluster job can always pass it. The model and data are chosen by class path in the YAML
+(``model: {class_path: adapters.dac.DACAdapter, init_args: ...}``); the number of classes, class
+names, feature dimension and dataset name are linked from the data to the model.
+
+Exit status 2 with a one-line message for bad configuration or input.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from adapters import register_builtin_methods
+from adapters.base import AdapterModule
+from adapters.errors import UserError
+from callbacks.export import AdapterExport
+from callbacks.progress_log import ProgressLog
+
+
+class RunDirConfig(SaveConfigCallback):
+    """Save the resolved config as ``<run_dir>/config.yaml`` (overwritten on resume)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved or not trainer.is_global_zero:
+            return
+        run_dir = Path(self.config["run_dir"])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, run_dir / self.config_filename, skip_none=False, overwrite=True,
+                         multifile=False)
+        self.already_saved = True
+
+
+class AdapterCLI(LightningCLI):
+    """LightningCLI with a fixed run directory and the data -> model links."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--run_dir", type=str, default="runs/default",
+                            help="directory of this run: config, checkpoints, logs, export, features")
+        parser.add_argument("--checkpoint_every_n_steps", type=int, default=100,
+                            help="also checkpoint every this many training steps (0: only at epoch ends)")
+        for source, target in [("data.num_classes", "model.init_args.num_classes"),
+                               ("data.class_names", "model.init_args.class_names"),
+                               ("data.dim", "model.init_args.embed_dim"),
+                               ("data.dataset_name", "model.init_args.dataset")]:
+            parser.link_arguments(source, target, apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs):
+        run_dir = Path(self._get(self.config, "run_dir"))
+        every = self._get(self.config, "checkpoint_every_n_steps") or None
+        interactive = sys.stdout.isatty()  # rich progress on a terminal; plain log lines in cluster logs
+        callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step-{step:07d}", save_last=True,
+                                         save_top_k=-1, every_n_train_steps=every, auto_insert_metric_name=False))
+        if not interactive:
+            callbacks.append(ProgressLog())
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        configured = config.get("callbacks") or []
+        if self.subcommand == "fit":
+            callbacks.append(AdapterExport(run_dir / "adapter"))
+        if self.subcommand == "predict":
+            from callbacks.feature_writer import FeatureWriter
+
+            if not any(isinstance(c, FeatureWriter) for c in configured):
+                callbacks.append(FeatureWriter(run_dir / "features"))
+        config["default_root_dir"] = str(run_dir)
+        config["enable_progress_bar"] = interactive and config.get("enable_progress_bar", True) is not False
+        if config.get("logger") in (None, True):
+            config["logger"] = [CSVLogger(run_dir, name="logs", version="csv"),
+                                TensorBoardLogger(run_dir, name="logs", version="tensorboard", default_hp_metric=False)]
+        config["callbacks"] = list(configured)
+        return self._instantiate_trainer(config, callbacks)
+
+
+def main(args: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    register_builtin_methods()
+    try:
+        AdapterCLI(AdapterModule, subclass_mode_model=True, subclass_mode_data=True,
+                   save_config_callback=RunDirConfig, seed_everything_default=0, args=args,
+                   parser_kwargs={"default_env": True})
+    except UserError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
