@@ -22,6 +22,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import torch
+import torch.nn.functional as F
+
 from adapters.atomic import atomic_write_text
 from adapters.errors import UserError
 from adapters.heads import HEADS, FitData, HeadSkipped, build_head
@@ -49,6 +52,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="few-shot sampling seeds (only when sampling from a full train split)")
     p.add_argument("--heads", default=DEFAULT_HEADS,
                    help=f"comma-separated heads (known: {', '.join(sorted(HEADS))}); default: {DEFAULT_HEADS}")
+    p.add_argument("--adapter", nargs="+", default=[], metavar="DIR",
+                   help="exported adapters (train.py's <run_dir>/adapter): scored on their own, and every head "
+                        "is also run on their adapted features")
     p.add_argument("--output", default="eval_results.json", metavar="JSON",
                    help="where to write the results (a JSON list of records); '' to skip")
     args = p.parse_args(argv)
@@ -61,9 +67,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def evaluate_file(path: str, heads: Sequence[str], shots: Sequence[int], seeds: Sequence[int]) -> list[dict]:
-    """Fit and score every head on one feature file; returns one record per (shots, seed, head)."""
+def load_adapters(paths: Sequence[str]) -> list:
+    if not paths:
+        return []
+    import adapters
+
+    return [adapters.load_adapter(p) for p in paths]
+
+
+def _check_adapter(adapter, ff: FeatureFile, path: str) -> None:
+    backbone = ff.metadata.get("backbone")
+    if backbone and backbone != adapter.hparams.backbone:
+        raise UserError(f"--adapter: {path} was trained on {adapter.hparams.backbone} features, "
+                        f"{ff.path} holds {backbone} features")
+    if ff.dim != adapter.embed_dim or ff.num_classes != adapter.hparams.num_classes:
+        raise UserError(f"--adapter: {path} expects dim {adapter.embed_dim} and {adapter.hparams.num_classes} classes, "
+                        f"{ff.path} has dim {ff.dim} and {ff.num_classes} classes")
+
+
+def evaluate_file(path: str, heads: Sequence[str], shots: Sequence[int], seeds: Sequence[int],
+                  adapters: Sequence = (), adapter_paths: Sequence[str] = ()) -> list[dict]:
+    """Fit and score every head on one feature file; returns one record per (shots, seed, head).
+
+    For each adapter: one record for its own inference and one per head run on its adapted features
+    (the zero-shot term of a head still uses the original features, as TA++ does).
+    """
     ff = FeatureFile(path)
+    for adapter, adapter_path in zip(adapters, adapter_paths):
+        _check_adapter(adapter, ff, adapter_path)
     text = ff.text_features
     eval_split = "test" if ff.has_split("test") else "val"
     if not ff.has_split(eval_split):
@@ -71,31 +102,48 @@ def evaluate_file(path: str, heads: Sequence[str], shots: Sequence[int], seeds: 
     evaluation = ff.split(eval_split)
     val = ff.split("val") if eval_split == "test" and ff.has_split("val") else None
     records = []
+    base = {"dataset": ff.dataset, "model": ff.metadata.get("backbone", "unknown"),
+            "pretrained": ff.metadata.get("pretrained", "unknown"), "task": "fewshot_classification",
+            "eval_split": eval_split, "features": str(path)}
+    for adapter, adapter_path in zip(adapters, adapter_paths):
+        with torch.no_grad():
+            logits = adapter.logits(evaluation.features.float())
+        records.append({**base, "head": f"{adapter.method} (adapter)", "shots": None, "seed": None,
+                        "train": "the adapter's own training set", "selected_on": "val (at training time)",
+                        "adapter": adapter_path, "hyperparameters": dict(adapter.export_config().get("head_hparams") or {}),
+                        "notes": [], "metrics": score(logits, evaluation.labels)})
     for k in shots:
         fixed = ff.has_split(f"train_{k}shot")
         for seed in ([None] if fixed else seeds):
             train, train_desc = ff.train_split(k, seed if seed is not None else 1)
-            data = FitData(train.features, train.labels, ff.num_classes, text=text,
-                           val_x=None if val is None else val.features, val_y=None if val is None else val.labels,
-                           dataset=ff.dataset)
-            for name in heads:
-                record = {
-                    "dataset": ff.dataset, "model": ff.metadata.get("backbone", "unknown"),
-                    "pretrained": ff.metadata.get("pretrained", "unknown"), "task": "fewshot_classification",
-                    "head": name, "shots": k, "seed": seed, "train": train_desc, "eval_split": eval_split,
-                    "selected_on": "val" if val is not None else "defaults (no separate val split)",
-                    "features": str(path),
-                }
-                try:
-                    head = build_head(name, dataset=ff.dataset).fit(data)
-                except HeadSkipped as e:
-                    records.append({**record, "skipped": str(e)})
-                    continue
-                notes = list(head.notes)
-                if eval_split == "val":
-                    notes.append("no test split: scored on val")
-                metrics = score(head(evaluation.features), evaluation.labels)
-                records.append({**record, "hyperparameters": head.hparams, "notes": notes, "metrics": metrics})
+            views = [(None, None, lambda x: x)] + [(a, p, a.adapt) for a, p in zip(adapters, adapter_paths)]
+            for adapter, adapter_path, adapt in views:
+                with torch.no_grad():
+                    data = FitData(adapt(F.normalize(train.features.float(), dim=-1)), train.labels, ff.num_classes,
+                                   text=text,
+                                   val_x=None if val is None else adapt(F.normalize(val.features.float(), dim=-1)),
+                                   val_y=None if val is None else val.labels, dataset=ff.dataset,
+                                   val_text_x=None if val is None else val.features)
+                    test_x = F.normalize(evaluation.features.float(), dim=-1)
+                    test_adapted = adapt(test_x)
+                for name in heads:
+                    if adapter is not None and name == "zeroshot":
+                        continue  # the text term uses the original features: identical to the plain row
+                    record = {**base, "head": name if adapter is None else f"{name}+{adapter.method}",
+                              "shots": k, "seed": seed, "train": train_desc,
+                              "selected_on": "val" if val is not None else "defaults (no separate val split)"}
+                    if adapter is not None:
+                        record["adapter"] = adapter_path
+                    try:
+                        head = build_head(name, dataset=ff.dataset).fit(data)
+                    except HeadSkipped as e:
+                        records.append({**record, "skipped": str(e)})
+                        continue
+                    notes = list(head.notes)
+                    if eval_split == "val":
+                        notes.append("no test split: scored on val")
+                    metrics = score(head(test_adapted, text_x=test_x), evaluation.labels)
+                    records.append({**record, "hyperparameters": head.hparams, "notes": notes, "metrics": metrics})
     return records
 
 
@@ -113,13 +161,14 @@ def render(records: list[dict]):
         return "-" if x is None or math.isnan(x) else f"{100 * x:.2f}"
 
     for r in records:
-        seed = "file" if r["seed"] is None else str(r["seed"])
+        seed = "-" if r["shots"] is None else "file" if r["seed"] is None else str(r["seed"])
         if "skipped" in r:
-            table.add_row(r["dataset"], str(r["shots"]), seed, r["head"], "-", "-", "-", "", f"skipped: {r['skipped']}")
+            table.add_row(r["dataset"], str(r["shots"] or "-"), seed, r["head"], "-", "-", "-", "",
+                          f"skipped: {r['skipped']}")
             continue
         m = r["metrics"]
         hp = ", ".join(f"{k}={v}" for k, v in r["hyperparameters"].items())
-        table.add_row(r["dataset"], str(r["shots"]), seed, r["head"], pct(m["acc1"]), pct(m["acc5"]),
+        table.add_row(r["dataset"], str(r["shots"] or "-"), seed, r["head"], pct(m["acc1"]), pct(m["acc5"]),
                       pct(m["mean_per_class_recall"]), hp, "; ".join(r["notes"]))
     return table
 
@@ -131,7 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Off a terminal (CI, SLURM logs) rich would wrap at 80 columns; tables read better unwrapped.
     console = Console() if sys.stdout.isatty() else Console(width=200)
     try:
-        records = [r for path in args.features for r in evaluate_file(path, args.heads, args.shots, args.seeds)]
+        adapters = load_adapters(args.adapter)
+        records = [r for path in args.features
+                   for r in evaluate_file(path, args.heads, args.shots, args.seeds, adapters, args.adapter)]
     except UserError as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2

@@ -106,7 +106,8 @@ class AdapterModule(L.LightningModule):
             with warnings.catch_warnings():
                 if self.hparams.pretrained is None:
                     warnings.simplefilter("ignore")
-                self.add_module("backbone", FrozenCLIP(self.hparams.backbone, self.hparams.pretrained).to(self.device))
+                # not add_module(): it probes hasattr(self, "backbone"), i.e. this property
+                self._modules["backbone"] = FrozenCLIP(self.hparams.backbone, self.hparams.pretrained).to(self.device)
             if self.backbone.embed_dim != self.embed_dim:
                 raise ConfigError(f"embed_dim: {self.embed_dim} but backbone {self.hparams.backbone} "
                                   f"embeds in {self.backbone.embed_dim} dimensions")
@@ -116,7 +117,7 @@ class AdapterModule(L.LightningModule):
         """Use an existing FrozenCLIP instead of building one (it must match the configured one)."""
         if backbone.model_name != self.hparams.backbone:
             raise ConfigError(f"backbone: adapter was trained on {self.hparams.backbone}, got {backbone.model_name}")
-        self.add_module("backbone", backbone)
+        self._modules["backbone"] = backbone
 
     def state_dict(self, *args, **kwargs) -> dict[str, Any]:
         """Everything but the frozen backbone (and the metric states)."""

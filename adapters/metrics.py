@@ -35,3 +35,42 @@ def score(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     values = {k: float(v) for k, v in metrics(logits.float(), labels.long()).items()}
     values.setdefault("acc5", math.nan)
     return {k: values[k] for k in METRIC_NAMES}
+
+
+def intra_modal_overlap(features: torch.Tensor, labels: torch.Tensor, bins: int = 200,
+                        value_range: tuple[float, float] = (-1.0, 1.0), max_pairs: int | None = None,
+                        seed: int = 0, chunk: int = 1024) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Intra-modal overlap (IMO): intersection area of the same-class and different-class cosine
+    similarity histograms, in [0, 1] (1: identical distributions, 0: disjoint).
+
+    All pairs i < j are used, accumulated in row chunks (no N x N matrix), unless ``max_pairs`` is
+    set: then that many random pairs (seeded). Returns (overlap, same-class histogram, different-class
+    histogram), histograms normalised to probabilities over ``bins`` bins on ``value_range``.
+    """
+    x = torch.nn.functional.normalize(features.float(), dim=-1)
+    y = labels.long()
+    lo, hi = value_range
+    same = torch.zeros(bins, dtype=torch.float64)
+    diff = torch.zeros(bins, dtype=torch.float64)
+
+    def add(sims: torch.Tensor, is_same: torch.Tensor) -> None:
+        idx = ((sims - lo) / (hi - lo) * bins).long().clamp_(0, bins - 1)
+        same.add_(torch.bincount(idx[is_same], minlength=bins).double())
+        diff.add_(torch.bincount(idx[~is_same], minlength=bins).double())
+
+    n = len(x)
+    if max_pairs is not None and max_pairs < n * (n - 1) // 2:
+        g = torch.Generator().manual_seed(seed)
+        i = torch.randint(0, n, (max_pairs,), generator=g)
+        j = torch.randint(0, n - 1, (max_pairs,), generator=g)
+        j = j + (j >= i).long()  # j != i
+        add((x[i] * x[j]).sum(-1), y[i] == y[j])
+    else:
+        for start in range(0, n, chunk):
+            rows = torch.arange(start, min(start + chunk, n))
+            sims = x[rows] @ x.T
+            upper = torch.arange(n)[None, :] > rows[:, None]  # pairs i < j only
+            add(sims[upper], (y[rows][:, None] == y[None, :])[upper])
+    same /= same.sum().clamp_min(1)
+    diff /= diff.sum().clamp_min(1)
+    return float(torch.minimum(same, diff).sum()), same, diff

@@ -24,11 +24,12 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -38,6 +39,7 @@ from adapters.protocol import few_shot_indices
 
 FEATURES = "{}.features"
 LABELS = "{}.labels"
+KEYS = "{}.keys"
 TEXT_KEY = "text.features"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "clip-adapters-features"
@@ -131,8 +133,24 @@ class FeatureFile:
             tensors, _ = _mmap_tensors(part)
             for k, v in tensors.items():
                 pieces.setdefault(k, []).append(v)
-        # Per-split tensors are concatenated in part order; text features are identical in every part.
-        merged = {k: (v[0] if k == TEXT_KEY else torch.cat(v)) for k, v in pieces.items()}
+        # Text features come from the first part that has them; splits are concatenated and, when the
+        # parts carry sample keys, put in key order: the result does not depend on how many ranks wrote.
+        merged = {}
+        for k, v in pieces.items():
+            if k == TEXT_KEY:
+                merged[k] = v[0]
+            elif k.endswith(".keys"):
+                width = max(t.shape[1] for t in v)
+                merged[k] = torch.cat([F.pad(t, (0, width - t.shape[1])) for t in v])
+            else:
+                merged[k] = torch.cat(v)
+        for k in [k for k in merged if k.endswith(".keys")]:
+            split = k[: -len(".keys")]
+            order = sorted(range(len(merged[k])), key=decode_keys(merged[k]).__getitem__)
+            index = torch.tensor(order, dtype=torch.long)
+            for name in (FEATURES.format(split), LABELS.format(split), k):
+                if name in merged:
+                    merged[name] = merged[name][index]
         return merged, metadata
 
     def _validate(self) -> None:
@@ -192,6 +210,12 @@ class FeatureFile:
     def has_split(self, split: str) -> bool:
         return FEATURES.format(split) in self._tensors
 
+    def keys(self, split: str) -> list[str] | None:
+        """Sample keys of ``split`` (extractions store them), or None."""
+        self._require(split)
+        matrix = self._tensors.get(KEYS.format(split))
+        return None if matrix is None else decode_keys(matrix)
+
     # -- access -----------------------------------------------------------------------------------
     def features(self, split: str) -> torch.Tensor:
         self._require(split)
@@ -233,16 +257,32 @@ class FeatureFile:
         return full.subset(idx, f"train_{shots}shot_seed{seed}"), f"train, {shots} per class, seed {seed}"
 
 
+def encode_keys(keys: Sequence[str]) -> torch.Tensor:
+    """Sample keys as a zero-padded uint8 matrix [N, L] (safetensors stores no strings)."""
+    raw = [k.encode() for k in keys]
+    width = max((len(r) for r in raw), default=1)
+    out = np.zeros((len(raw), width), dtype=np.uint8)
+    for i, r in enumerate(raw):
+        out[i, :len(r)] = np.frombuffer(r, dtype=np.uint8)
+    return torch.from_numpy(out)
+
+
+def decode_keys(matrix: torch.Tensor) -> list[str]:
+    return [bytes(row).rstrip(b"\0").decode() for row in matrix.numpy()]
+
+
 def write_feature_file(
     path: str | Path,
     splits: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     text_features: torch.Tensor | None = None,
     metadata: Mapping[str, object] | None = None,
     class_names: list[str] | None = None,
+    keys: Mapping[str, Sequence[str]] | None = None,
 ) -> Path:
     """Write a feature file atomically (features as fp16, labels as int64).
 
-    ``splits`` maps a split name to ``(features [N, D], labels [N])``.
+    ``splits`` maps a split name to ``(features [N, D], labels [N])``; ``keys`` optionally maps a split
+    to its sample keys (stored as ``{split}.keys``, uint8 [N, L]).
     """
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
@@ -256,6 +296,10 @@ def write_feature_file(
         tensors[FEATURES.format(name)] = feats.detach().to("cpu", torch.float16).clone()
         tensors[LABELS.format(name)] = labels.detach().to("cpu", torch.int64).clone()
         dims.add(feats.shape[1])
+    for name, split_keys in (keys or {}).items():
+        if len(split_keys) != len(splits[name][1]):
+            raise FeatureFileError(f"{path}: split {name!r}: {len(split_keys)} keys for {len(splits[name][1])} samples")
+        tensors[KEYS.format(name)] = encode_keys(split_keys)
     if text_features is not None:
         tensors[TEXT_KEY] = text_features.detach().to("cpu", torch.float16).clone()
         dims.add(text_features.shape[1])

@@ -32,7 +32,9 @@ import io
 import logging
 import multiprocessing as mp
 import random
+import sys
 from functools import partial
+from itertools import islice
 from typing import Callable, Literal, Sequence
 
 import lightning as L
@@ -43,7 +45,8 @@ from torch.utils.data import get_worker_info
 
 from adapters.errors import ConfigError, UserError
 from adapters.protocol import few_shot_indices
-from datamodules.shards import IMAGE_KEYS, ShardSplit, load_split
+from datamodules.features import Split
+from datamodules.shards import IMAGE_KEYS, ShardSplit, load_split, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -79,24 +82,67 @@ def worker_id() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def seeded_shuffle(src, bufsize: int, seed: int, epoch, rank: int):
+def logical_worker(shared: dict) -> tuple[int, int]:
+    """(worker, workers) as the data order sees it.
+
+    DataLoader workers hand out batches round-robin starting at worker 0, so global batch j comes from
+    worker j % W. When an epoch resumes after b batches, physical worker w plays logical worker
+    (w + b) % W, so that the first batch out is global batch b and the order continues unchanged.
+    """
+    worker, workers = worker_id()
+    if shared["skip_epoch"].value == shared["epoch"].value:
+        worker = (worker + shared["skip"].value) % workers
+    return worker, workers
+
+
+def split_by_logical_worker(src, shared: dict):
+    worker, workers = logical_worker(shared)
+    return islice(src, worker, None, workers)
+
+
+def seeded_shuffle(src, bufsize: int, seed: int, shared: dict, rank: int):
     """A shuffle buffer whose RNG depends on (seed, epoch, rank, worker): reproducible order."""
-    rng = random.Random(f"samples-{seed}-{epoch.value}-{rank}-{worker_id()[0]}")
+    rng = random.Random(f"samples-{seed}-{shared['epoch'].value}-{rank}-{logical_worker(shared)[0]}")
     return wds.filters._shuffle(src, bufsize, min(bufsize, 100), rng)
 
 
-def skip_consumed(src, batch_size: int, skip_batches, skip_epoch, epoch):
-    """After a mid-epoch resume: drop the samples of the batches this worker already produced in the
-    resumed epoch (``skip_epoch``); other epochs skip nothing.
+class _SkipToken:
+    """Samples the next pass of a worker's pipeline must drop (set per epoch, consumed once)."""
 
-    DataLoader workers hand out batches round-robin, so global batch j came from worker j % W.
-    """
-    done = skip_batches.value if skip_epoch.value == epoch.value else 0
-    worker, workers = worker_id()
-    skip = batch_size * max(0, -(-(done - worker) // workers))
+    value = 0
+
+
+def skip_samples(src, token: _SkipToken):
+    """Drop ``token.value`` samples (before decoding: cheap), once: a repeated pass skips nothing."""
+    skip, token.value = token.value, 0
     for i, sample in enumerate(src):
         if i >= skip:
             yield sample
+
+
+class EpochPipeline(wds.DataPipeline):
+    """``with_epoch(batches)`` that also resumes mid-epoch.
+
+    Like ``with_epoch``, the source is repeated if needed and cut at ``batches`` batches per worker.
+    After a resume in epoch ``skip_epoch`` with ``skip_batches`` batches already trained on, this
+    (logical) worker first drops the samples of the batches it had produced and yields only the rest.
+    """
+
+    def __init__(self, *stages, batches: int, batch_size: int, token: _SkipToken, shared: dict):
+        super().__init__(*stages)
+        self.batches, self.batch_size, self.token, self.shared = batches, batch_size, token, shared
+
+    def _skipped_batches(self) -> int:
+        if self.shared["skip_epoch"].value != self.shared["epoch"].value:
+            return 0
+        worker, workers = logical_worker(self.shared)
+        return max(0, -(-(self.shared["skip"].value - worker) // workers))
+
+    def __iter__(self):
+        skipped = self._skipped_batches()
+        self.token.value = skipped * self.batch_size
+        self.repetitions = sys.maxsize
+        return islice(self.iterator(), max(0, self.batches - skipped))
 
 
 def select_keys(src, keys: frozenset):
@@ -224,6 +270,7 @@ class ImageShardDataModule(L.LightningDataModule):
         self.seed, self.shuffle_buffer, self.augment, self.views, self.on_corrupt = \
             seed, shuffle_buffer, augment, views, on_corrupt
         self.class_names: list[str] = load_split(shards, (train_split or self.predict_splits[0]))[1]
+        self.dataset_name: str | None = read_manifest(shards).get("dataset")
         self.train_transform: Callable | None = None
         self.eval_transform: Callable | None = None
         self._shared = None
@@ -239,6 +286,9 @@ class ImageShardDataModule(L.LightningDataModule):
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    #: Images carry no feature dimension: the model's backbone decides it.
+    dim = None
 
     @property
     def corrupt_count(self) -> int:
@@ -297,26 +347,28 @@ class ImageShardDataModule(L.LightningDataModule):
 
     # -- loaders --------------------------------------------------------------------------------------
     def _pipeline(self, split: ShardSplit, urls: list[str], *, train: bool, keys: frozenset | None,
-                  transform: Callable, views: int) -> wds.DataPipeline:
-        rank, world = self._rank_world()
+                  transform: Callable, views: int, distributed: bool = True, batches: int = 0) -> wds.DataPipeline:
+        rank, world = self._rank_world() if distributed else (0, 1)
         shared = self.shared
         handler = _CorruptHandler(self.on_corrupt, shared["corrupt"])
         stages = [wds.SimpleShardList(urls)]
         if train:
             stages.append(partial(epoch_shuffled_shards, seed=self.seed, epoch=shared["epoch"]))
-        stages += [partial(split_by_rank, rank=rank, world_size=world), wds.split_by_worker,
+        worker_split = partial(split_by_logical_worker, shared=shared) if train else wds.split_by_worker
+        stages += [partial(split_by_rank, rank=rank, world_size=world), worker_split,
                    wds.tarfile_to_samples(handler=handler)]
         if keys is not None:
             stages.append(partial(select_keys, keys=keys))
+        token = _SkipToken()
         if train:
-            stages += [partial(seeded_shuffle, bufsize=self.shuffle_buffer, seed=self.seed, epoch=shared["epoch"],
-                               rank=rank),
-                       partial(skip_consumed, batch_size=self.batch_size, skip_batches=shared["skip"],
-                               skip_epoch=shared["skip_epoch"], epoch=shared["epoch"])]
+            stages += [partial(seeded_shuffle, bufsize=self.shuffle_buffer, seed=self.seed, shared=shared, rank=rank),
+                       partial(skip_samples, token=token)]
         stages += [wds.map(partial(decode_sample, transform=transform, views=views, num_classes=self.num_classes,
                                    label=split.label, class_index={c: i for i, c in enumerate(self.class_names)}),
                            handler=handler),
                    wds.batched(self.batch_size, collation_fn=collate, partial=not train)]
+        if train:
+            return EpochPipeline(*stages, batches=batches, batch_size=self.batch_size, token=token, shared=shared)
         return wds.DataPipeline(*stages)
 
     def _eval_length(self, counts: Sequence[int], rank: int, world: int, workers: int) -> int:
@@ -333,21 +385,25 @@ class ImageShardDataModule(L.LightningDataModule):
         if self.trainer is not None:
             self.shared["epoch"].value = self.trainer.current_epoch
         transform = self.train_transform if self.augment else self.eval_transform
-        pipeline = self._pipeline(split, urls, train=True, keys=keys, transform=transform, views=1)
-        pipeline = pipeline.with_epoch(per_worker)
+        pipeline = self._pipeline(split, urls, train=True, keys=keys, transform=transform, views=1, batches=per_worker)
         loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=self.num_workers)
         return ShardLoader(loader.with_length(per_worker * workers), per_worker * workers, self)
 
-    def _eval_loader(self, split_name: str, views: int = 1) -> ShardLoader:
+    def _eval_loader(self, split_name: str, views: int = 1, distributed: bool = True) -> ShardLoader:
+        """Every sample of a split once, in shard order, with partial batches (split by rank unless
+        ``distributed=False``). With ``views > 1`` each sample carries that many augmented views."""
         split, _ = load_split(self.shards, split_name)
-        rank, world = self._rank_world()
-        if len(split.shards) < world:
-            raise ConfigError(f"{self.shards}: split {split_name!r} has {len(split.shards)} shards for "
+        urls, counts, keys = self._selection(split) if split_name == self.train_split else \
+            (split.urls, [s["count"] for s in split.shards], None)
+        rank, world = self._rank_world() if distributed else (0, 1)
+        if len(urls) < world:
+            raise ConfigError(f"{self.shards}: split {split_name!r} has {len(urls)} shards for "
                               f"world_size {world}: every rank needs at least one")
-        workers = max(1, min(self.num_workers, len(split.shards[rank::world])))
+        workers = max(1, min(self.num_workers, len(urls[rank::world])))
         transform = self.train_transform if views > 1 else self.eval_transform
-        pipeline = self._pipeline(split, split.urls, train=False, keys=None, transform=transform, views=views)
-        length = self._eval_length([s["count"] for s in split.shards], rank, world, workers)
+        pipeline = self._pipeline(split, urls, train=False, keys=keys, transform=transform, views=views,
+                                  distributed=distributed)
+        length = self._eval_length(counts, rank, world, workers)
         loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False,
                                num_workers=workers if self.num_workers else 0)
         return ShardLoader(loader.with_length(length), length)
@@ -360,6 +416,24 @@ class ImageShardDataModule(L.LightningDataModule):
 
     def predict_dataloader(self):
         return [self._eval_loader(s, self.views if s == self.train_split else 1) for s in self.predict_splits]
+
+    @torch.no_grad()
+    def head_data(self, module) -> tuple[Split, Split | None]:
+        """Embeddings of the (few-shot) training split and of val through ``module.image_features``, in
+        this process alone (every rank computes the same): caches and hyper-parameter searches need
+        the whole sets. Training images get ``views`` augmented views averaged (Tip-Adapter's recipe)."""
+        def embed(split_name: str, views: int) -> Split:
+            feats, labels = [], []
+            for batch in self._eval_loader(split_name, views, distributed=False):
+                batch = {k: (v.to(module.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+                f = module.image_features(batch)
+                feats.append(torch.nn.functional.normalize(f.mean(1) if f.ndim == 3 else f, dim=-1).cpu())
+                labels.append(batch["label"].cpu())
+            return Split(torch.cat(feats), torch.cat(labels), split_name)
+
+        if self.train_transform is None:
+            self.setup("fit")
+        return embed(self.train_split, self.views), (embed(self.val_split, 1) if self.val_split else None)
 
     # -- resume ---------------------------------------------------------------------------------------
     def loader_state(self) -> dict:

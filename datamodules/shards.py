@@ -55,6 +55,31 @@ class Record:
 
 
 # -- sources ----------------------------------------------------------------------------------------
+def parse_fractions(spec: str) -> dict[str, float]:
+    """``"train=0.5,val=0.2,test=0.3"`` -> {split: fraction}; fractions must sum to 1."""
+    try:
+        fractions = {k.strip(): float(v) for k, v in (item.split("=") for item in spec.split(","))}
+    except ValueError:
+        raise ConfigError(f"fractions: expected 'split=fraction,...', got {spec!r}") from None
+    if abs(sum(fractions.values()) - 1.0) > 1e-6 or min(fractions.values()) < 0:
+        raise ConfigError(f"fractions: must be non-negative and sum to 1, got {spec!r}")
+    return fractions
+
+
+def partition(records: list[Record], fractions: dict[str, float], seed: int = 0) -> list[Record]:
+    """Assign each class's records to splits by ``fractions`` (deterministic in ``seed``)."""
+    out = []
+    for label in sorted({r.label for r in records}):
+        items = sorted((r for r in records if r.label == label), key=lambda r: str(r.path))
+        random.Random(f"{seed}-{label}").shuffle(items)
+        start = 0
+        for i, (split, fraction) in enumerate(fractions.items()):
+            end = len(items) if i == len(fractions) - 1 else start + round(fraction * len(items))
+            out += [Record(r.path, r.label, split) for r in items[start:end]]
+            start = end
+    return out
+
+
 def from_folder(root: str | Path, split: str = "train") -> tuple[list[Record], list[str]]:
     """``root/<class>/<file>``: classes are the sorted sub-folder names."""
     root = Path(root)
@@ -137,13 +162,14 @@ def _image_payload(record: Record, reencode: bool) -> tuple[str, bytes]:
 
 def write_shards(records: Sequence[Record], class_names: Sequence[str], out_dir: str | Path, *,
                  max_count: int = 1000, max_size: int | None = None, seed: int = 0, reencode: bool = False,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, dataset: str | None = None) -> dict:
     """Write ``records`` into ``out_dir`` as tar shards per split, plus manifest and index files."""
     if max_count < 1:
         raise ConfigError(f"max_count: must be >= 1, got {max_count}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = {"format": MANIFEST_FORMAT, "version": 1, "class_names": list(class_names), "splits": {}}
+    manifest = {"format": MANIFEST_FORMAT, "version": 1, "dataset": dataset or out_dir.name,
+                "class_names": list(class_names), "splits": {}}
     for split in sorted({r.split for r in records}):
         if not split.replace("_", "").isalnum():
             raise ConfigError(f"split: {split!r} must be alphanumeric (used in shard file names)")
@@ -166,7 +192,8 @@ def _write_split(split, items, num_classes, class_names, out_dir, max_count, max
     writer = None
     for i, record in enumerate(iterator):
         ext, data = _image_payload(record, reencode)
-        if writer is None or writer.count >= max_count or (max_size and writer.bytes + len(data) > max_size):
+        if writer is None or writer.count >= max_count or (
+                max_size and writer.count and writer.bytes + len(data) + _TAR_OVERHEAD > max_size):
             if writer is not None:
                 shards.append(writer.close())
             writer = _ShardWriter(out_dir / f"{split}-{len(shards):06d}.tar")
@@ -183,6 +210,10 @@ def _write_split(split, items, num_classes, class_names, out_dir, max_count, max
     return {"count": len(items), "class_counts": class_counts, "shards": shards, "index": f"{split}-index.tsv"}
 
 
+#: Bytes a sample adds to a tar beyond its image: three member headers and their 512-byte padding.
+_TAR_OVERHEAD = 3 * 1024
+
+
 class _ShardWriter:
     """One tar shard, written to a temporary file and renamed into place when closed."""
 
@@ -194,7 +225,8 @@ class _ShardWriter:
         self._tar = wds.TarWriter(self._stream, mtime=0)  # fixed mtime: identical inputs give identical bytes
 
     def write(self, sample: dict) -> None:
-        self.bytes += self._tar.write(sample)
+        self._tar.write(sample)
+        self.bytes = self._stream.tell()  # the real on-disk size so far, headers and padding included
         self.count += 1
 
     def close(self) -> dict:
@@ -353,11 +385,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         s.add_argument("src")
         s.add_argument("--out", required=True, help="output directory for shards, dataset.json and index files")
         s.add_argument("--split", default="train", help="split name for folder/CSV sources without a split column")
+        s.add_argument("--fractions", help="folder source: split each class, e.g. 'train=0.5,val=0.2,test=0.3'")
         s.add_argument("--image_root", help="base folder of relative image paths (CSV: defaults to its folder)")
         s.add_argument("--max_count", type=int, default=1000, help="samples per shard")
-        s.add_argument("--max_size", type=float, default=None, help="bytes per shard (whichever limit comes first)")
+        s.add_argument("--max_size", type=float, default=None,
+                       help="bytes per shard, whichever limit comes first (plus up to 11 KiB of tar end padding)")
         s.add_argument("--seed", type=int, default=0, help="seed of the deterministic sample order")
         s.add_argument("--reencode", action="store_true", help="re-encode non-JPEG images as JPEG")
+        s.add_argument("--dataset", help="dataset name recorded in the manifest (selects prompt templates)")
     s = sub.add_parser("index", help="write dataset.json + index for existing shards (e.g. img2dataset)")
     s.add_argument("shards", nargs="+", help="tar files or brace patterns ('dir/{00000..00009}.tar')")
     s.add_argument("--out", required=True)
@@ -373,6 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             if args.source == "folder":
                 records, names = from_folder(args.src, args.split)
+                if args.fractions:
+                    records = partition(records, parse_fractions(args.fractions), args.seed)
             elif args.source == "csv":
                 records, names = from_csv(args.src, args.image_root, args.split)
             else:
@@ -381,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 records, names = from_coop_split(args.src, args.image_root)
             manifest = write_shards(records, names, args.out, max_count=args.max_count,
                                     max_size=int(args.max_size) if args.max_size else None, seed=args.seed,
-                                    reencode=args.reencode, progress=sys.stderr.isatty())
+                                    reencode=args.reencode, progress=sys.stderr.isatty(), dataset=args.dataset)
     except (UserError, OSError) as e:
         print(f"datamodules.shards: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,61 @@
+"""Test helpers importable by spawned DDP processes (pytest test modules are not)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+from torchvision import transforms as T
+
+from datamodules.shards import from_folder, partition, write_shards
+from datamodules.synthetic import make_image_folder
+
+TRANSFORM = T.Compose([T.Resize((16, 16)), T.ToTensor()])
+
+
+def make_shards(root: Path, per_class: int = 8, max_count: int = 8, fractions: dict | None = None, seed: int = 0) -> Path:
+    """Synthetic shape images written as shards under ``root/shards``; returns that directory."""
+    images = make_image_folder(root / "images", per_class=per_class, size=32, seed=seed)
+    records, names = from_folder(images)
+    if fractions:
+        records = partition(records, fractions)
+    write_shards(records, names, root / "shards", max_count=max_count, progress=False, dataset="shapes")
+    return root / "shards"
+
+
+class KeyRecorder(L.LightningModule):
+    """Consumes image batches and writes, per rank and epoch, the sample keys it trained on."""
+
+    def __init__(self, out_dir: str):
+        super().__init__()
+        self.out_dir = out_dir
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.keys: list[str] = []
+
+    def on_train_epoch_start(self) -> None:
+        self.trainer.datamodule.set_epoch(self.current_epoch)
+        self.keys = []
+
+    def training_step(self, batch, batch_idx):
+        self.keys.extend(batch["key"])
+        return (self.weight * batch["image"].mean()).sum()
+
+    def on_train_epoch_end(self) -> None:
+        path = Path(self.out_dir) / f"rank{self.global_rank}-epoch{self.current_epoch}.json"
+        path.write_text(json.dumps({"keys": self.keys, "batches": len(self.keys) // self.trainer.datamodule.batch_size}))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class CrashAtStep(L.Callback):
+    """Raise at a given global step, as if the job had died there."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            raise RuntimeError(f"simulated crash at step {trainer.global_step}")
