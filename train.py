@@ -96,10 +96,24 @@ def main(args: list[str] | None = None) -> int:
         AdapterCLI(AdapterModule, subclass_mode_model=True, subclass_mode_data=True,
                    save_config_callback=RunDirConfig, seed_everything_default=0, args=args,
                    parser_kwargs={"default_env": True})
-    except UserError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - jsonargparse wraps errors raised while instantiating classes
+        user_error = _user_error(e)
+        if user_error is None:
+            raise
+        print(f"train.py: error: {user_error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _user_error(exc: BaseException | None) -> UserError | None:
+    """The `UserError` behind ``exc``, following the cause/context chain."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, UserError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -264,6 +264,13 @@ class AdapterModule(L.LightningModule):
         self._rng_to_restore = checkpoint.get("rng_states")
         if checkpoint.get("adapter_extra"):
             self.load_export_config(checkpoint["adapter_extra"])
+        # Lightning restores a stateful train loader only if it builds it after the checkpoint is read;
+        # `estimated_stepping_batches` (the cosine schedule) builds it before. This hook runs before
+        # either, so hand the saved loader state to the DataModule, which applies it to its loader.
+        loader_states = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader")
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        if loader_states and hasattr(dm, "restore_loader_state"):
+            dm.restore_loader_state(loader_states[0])
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._rng_to_restore is not None:

@@ -127,6 +127,8 @@ class DACAdapter(AdapterModule):
     # -- data for the cache and the searches --------------------------------------------------------------
     def setup(self, stage: str) -> None:
         super().setup(stage)
+        if not self._train_text:
+            self.modulation.requires_grad_(False)  # nothing to modulate: keep it out of the optimiser
         dm = self.trainer.datamodule
         if not hasattr(dm, "head_data"):
             raise ConfigError(f"data: {type(dm).__name__} cannot provide the few-shot features DAC's cache needs")
@@ -185,7 +187,25 @@ class DACAdapter(AdapterModule):
             inter = F.cross_entropy(CLIP_SCALE * x @ self.modulated_text().T, labels)
             loss = loss + (self.hparams.inter_weight if stage == "joint" else 1.0) * inter
             extra["text_ce"] = inter.detach()
+        # DDP needs a gradient for every trainable parameter at every step: keep the part this stage
+        # does not train in the graph with weight 0; its gradients are dropped before the optimiser step.
+        for p in self._inactive_parameters(stage):
+            loss = loss + 0.0 * p.sum()
         return loss, extra
+
+    def _inactive_parameters(self, stage: str) -> list[torch.nn.Parameter]:
+        if stage == "intra":
+            group = self.modulation
+        elif stage == "inter" and not self.hparams.text_on_adapted:
+            group = self.adapter
+        else:
+            return []
+        return [p for p in group.parameters() if p.requires_grad]
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # None, not zero: AdamW leaves parameters without a gradient alone (no momentum, no decay)
+        for p in self._inactive_parameters(self._stage()):
+            p.grad = None
 
     # -- inference ------------------------------------------------------------------------------------------
     @property

@@ -384,6 +384,7 @@ class FeatureDataModule(L.LightningDataModule):
         self.val_split = val_split if val_split and self.file.has_split(val_split) else None
         self.test_split = test_split if test_split and self.file.has_split(test_split) else None
         self.train, self.train_description = self.file.train_split(shots, fewshot_seed)
+        self._pending_loader_state: dict | None = None
 
     # -- what models link to ----------------------------------------------------------------------------
     @property
@@ -427,7 +428,15 @@ class FeatureDataModule(L.LightningDataModule):
         return loader
 
     def train_dataloader(self):
-        return self._loader(self.train, train=True)
+        loader = self._loader(self.train, train=True)
+        if self._pending_loader_state:
+            loader.load_state_dict(self._pending_loader_state)
+            self._pending_loader_state = None
+        return loader
+
+    def restore_loader_state(self, state: dict) -> None:
+        """Apply a checkpoint's train-loader state to the next train loader built (mid-epoch resume)."""
+        self._pending_loader_state = state
 
     def val_dataloader(self):
         return [] if self.val_split is None else self._loader(self.file.split(self.val_split), train=False)

@@ -274,6 +274,7 @@ class ImageShardDataModule(L.LightningDataModule):
         self.train_transform: Callable | None = None
         self.eval_transform: Callable | None = None
         self._shared = None
+        self._pending_loader_state: dict | None = None
 
     # -- shared state: created per process (multiprocessing values do not pickle into spawned ranks) --
     @property
@@ -387,7 +388,15 @@ class ImageShardDataModule(L.LightningDataModule):
         transform = self.train_transform if self.augment else self.eval_transform
         pipeline = self._pipeline(split, urls, train=True, keys=keys, transform=transform, views=1, batches=per_worker)
         loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=self.num_workers)
-        return ShardLoader(loader.with_length(per_worker * workers), per_worker * workers, self)
+        loader = ShardLoader(loader.with_length(per_worker * workers), per_worker * workers, self)
+        if self._pending_loader_state:
+            loader.load_state_dict(self._pending_loader_state)
+            self._pending_loader_state = None
+        return loader
+
+    def restore_loader_state(self, state: dict) -> None:
+        """Apply a checkpoint's train-loader state to the next train loader built (mid-epoch resume)."""
+        self._pending_loader_state = state
 
     def _eval_loader(self, split_name: str, views: int = 1, distributed: bool = True) -> ShardLoader:
         """Every sample of a split once, in shard order, with partial batches (split by rank unless
