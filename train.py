@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -89,8 +90,15 @@ class AdapterCLI(LightningCLI):
         return self._instantiate_trainer(config, callbacks)
 
 
+# Known and harmless here: our loaders set an exact length on purpose, prediction on an iterable loader
+# has no batch indices to report, and a deprecation inside Lightning itself.
+_QUIET = (r"\.with_length\(\) only sets", r"Couldn't infer the batch indices", r".*LeafSpec.* is deprecated")
+
+
 def main(args: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for pattern in _QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
     register_builtin_methods()
     try:
         AdapterCLI(AdapterModule, subclass_mode_model=True, subclass_mode_data=True,
