@@ -27,11 +27,12 @@ import torch.nn.functional as F
 
 from adapters.atomic import atomic_write_text
 from adapters.errors import UserError
+import adapters.coder  # noqa: F401  (registers the CODER heads)
 from adapters.heads import HEADS, FitData, HeadSkipped, build_head
 from adapters.metrics import score
 from datamodules.features import FeatureFile
 
-DEFAULT_HEADS = "zeroshot,prototype,tip,gda"
+DEFAULT_HEADS = "zeroshot,prototype,tip,gda,isoclip,mixing,coder,coder_adapter"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -96,6 +97,7 @@ def evaluate_file(path: str, heads: Sequence[str], shots: Sequence[int], seeds: 
     for adapter, adapter_path in zip(adapters, adapter_paths):
         _check_adapter(adapter, ff, adapter_path)
     text = ff.text_features
+    extras = ff.head_extras()
     eval_split = "test" if ff.has_split("test") else "val"
     if not ff.has_split(eval_split):
         raise UserError(f"{ff.path}: no 'test' or 'val' split to evaluate on (has: {', '.join(ff.splits)})")
@@ -116,35 +118,53 @@ def evaluate_file(path: str, heads: Sequence[str], shots: Sequence[int], seeds: 
         fixed = ff.has_split(f"train_{k}shot")
         for seed in ([None] if fixed else seeds):
             train, train_desc = ff.train_split(k, seed if seed is not None else 1)
-            views = [(None, None, lambda x: x)] + [(a, p, a.adapt) for a, p in zip(adapters, adapter_paths)]
+            views = [(None, None, lambda x: x)] + [(a, p, a.adapt) for a, p in zip(adapters, adapter_paths)
+                                                  if a.adapts_features]
             for adapter, adapter_path, adapt in views:
                 with torch.no_grad():
                     data = FitData(adapt(F.normalize(train.features.float(), dim=-1)), train.labels, ff.num_classes,
                                    text=text,
                                    val_x=None if val is None else adapt(F.normalize(val.features.float(), dim=-1)),
                                    val_y=None if val is None else val.labels, dataset=ff.dataset,
-                                   val_text_x=None if val is None else val.features)
+                                   val_text_x=None if val is None else val.features, extras=extras)
                     test_x = F.normalize(evaluation.features.float(), dim=-1)
                     test_adapted = adapt(test_x)
                 for name in heads:
-                    if adapter is not None and name == "zeroshot":
-                        continue  # the text term uses the original features: identical to the plain row
+                    preprojection = HEADS[name].inputs == "preprojection"
+                    if adapter is not None and (name in ("zeroshot", "coder") or preprojection):
+                        continue  # these use the original features only: identical to the plain rows
                     record = {**base, "head": name if adapter is None else f"{name}+{adapter.method}",
                               "shots": k, "seed": seed, "train": train_desc,
                               "selected_on": "val" if val is not None else "defaults (no separate val split)"}
                     if adapter is not None:
                         record["adapter"] = adapter_path
                     try:
-                        head = build_head(name, dataset=ff.dataset).fit(data)
+                        if preprojection:
+                            head, logits = _fit_preprojection_head(name, ff, train, val, evaluation, text, extras)
+                        else:
+                            head = build_head(name, dataset=ff.dataset).fit(data)
+                            logits = head(test_adapted, text_x=test_x)
                     except HeadSkipped as e:
                         records.append({**record, "skipped": str(e)})
                         continue
                     notes = list(head.notes)
                     if eval_split == "val":
                         notes.append("no test split: scored on val")
-                    metrics = score(head(test_adapted, text_x=test_x), evaluation.labels)
+                    metrics = score(logits, evaluation.labels)
                     records.append({**record, "hyperparameters": head.hparams, "notes": notes, "metrics": metrics})
     return records
+
+
+def _fit_preprojection_head(name, ff, train, val, evaluation, text, extras):
+    """Fit a head on pre-projection features (IsoCLIP) and score the evaluation split."""
+    if train.preproj is None or evaluation.preproj is None:
+        raise HeadSkipped(f"{name} needs pre-projection features (extract with preprojection: true)")
+    has_val = val is not None and val.preproj is not None
+    data = FitData(train.preproj, train.labels, ff.num_classes, text=text,
+                   val_x=val.preproj if has_val else None, val_y=val.labels if has_val else None,
+                   dataset=ff.dataset, extras=extras, normalize=False)
+    head = build_head(name, dataset=ff.dataset).fit(data)
+    return head, head(evaluation.preproj.float())
 
 
 def render(records: list[dict]):

@@ -173,6 +173,11 @@ class AdapterModule(L.LightningModule):
         """Adapted image embeddings (identity for methods that do not change the image side)."""
         return features
 
+    @property
+    def adapts_features(self) -> bool:
+        """Whether `adapt` changes image embeddings (then heads can run on the adapted features)."""
+        return type(self).adapt is not AdapterModule.adapt
+
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """Class logits [B, C] for original CLIP embeddings [B, D]."""
         raise NotImplementedError
@@ -362,23 +367,9 @@ def _load_exported_state(module: AdapterModule, state: dict[str, torch.Tensor], 
             sub = module.get_submodule(owner) if owner else module
             if attr in sub._buffers:
                 sub._buffers[attr] = torch.empty_like(tensor)
+            elif attr in sub._parameters and target.numel() == 0:  # sized by the data at setup
+                sub._parameters[attr] = torch.nn.Parameter(torch.empty_like(tensor))
             else:
                 raise ConfigError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, "
                                   f"the model expects {tuple(target.shape)} (dimension mismatch)")
     module.load_state_dict(state, strict=False)
-
-
-@register_adapter
-class FeatureExtractor(AdapterModule):
-    """The frozen backbone alone: ``train.py predict`` with this model extracts CLIP features.
-
-    Pair it with `ImageShardDataModule` (``predict_splits``, ``views``) and the
-    `callbacks.feature_writer.FeatureWriter` callback (see ``configs/extract.yaml``).
-    """
-
-    method = "extract"
-
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
-        if not self.has_text:
-            raise ConfigError("FeatureExtractor: no text classifier to score with (pass class_names)")
-        return 100.0 * features @ self.text_features.T

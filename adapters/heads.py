@@ -16,7 +16,7 @@ loop over grid points). Specs: ../shared/reference/methods-coder-gda-iso.md §1,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
 import torch
@@ -48,16 +48,22 @@ class FitData:
     #: Features for the zero-shot (text) term on val when they differ from ``val_x``: TA++ and DAC
     #: score the cache on adapted features but the text term on the original ones.
     val_text_x: torch.Tensor | None = None
+    #: Method-specific inputs from the feature file: ``text_set`` (CODER), ``image_projection``,
+    #: ``text_projection``, ``backbone``, ``pretrained`` (IsoCLIP).
+    extras: dict = field(default_factory=dict)
+    #: L2-normalise the features (post-projection embeddings); False for pre-projection features.
+    normalize: bool = True
 
     def __post_init__(self) -> None:
-        self.train_x = F.normalize(self.train_x.float(), dim=-1)
+        norm = (lambda t: F.normalize(t.float(), dim=-1)) if self.normalize else (lambda t: t.float())
+        self.train_x = norm(self.train_x)
         self.train_y = self.train_y.long()
         if self.text is not None:
             if self.text.shape[0] != self.num_classes:
                 raise ConfigError(f"text features: {self.text.shape[0]} classes but the data has {self.num_classes}")
             self.text = F.normalize(self.text.float(), dim=-1)
         if self.val_x is not None:
-            self.val_x = F.normalize(self.val_x.float(), dim=-1)
+            self.val_x = norm(self.val_x)
             self.val_y = self.val_y.long()
             self.val_text_x = self.val_x if self.val_text_x is None else F.normalize(self.val_text_x.float(), dim=-1)
 
@@ -129,6 +135,8 @@ class Head(nn.Module):
     name: ClassVar[str]
     #: Whether the head is meaningless without text features (it is then skipped).
     needs_text: ClassVar[bool] = False
+    #: The features the head takes: post-projection embeddings, or pre-projection ones (IsoCLIP).
+    inputs: ClassVar[str] = "embeddings"
 
     def __init__(self, dataset: str | None = None):
         super().__init__()
@@ -355,3 +363,142 @@ class GDAHead(Head):
         if self.text is None:
             return gda
         return self._zero_shot(x, text_x) + self.alpha * gda
+
+
+# -- IsoCLIP ----------------------------------------------------------------------------------------------
+#: (k_top, k_bottom) for classification, per (backbone, pretrained), from IsoCLIP's scripts (§5.3).
+ISOCLIP_DEFAULTS = {
+    ("ViT-B-32", "openai"): (150, 50), ("ViT-B-16", "openai"): (200, 50), ("ViT-L-14", "openai"): (250, 200),
+    ("ViT-B-16", "datacomp_xl_s13b_b90k"): (100, 100), ("ViT-B-32", "datacomp_xl_s13b_b90k"): (50, 50),
+}
+
+
+def isoclip_defaults(backbone: str | None, pretrained: str | None, rank: int) -> tuple[int, int]:
+    """The authors' (k_top, k_bottom) for a known backbone; else ViT-B/32's share of the rank."""
+    if (backbone, pretrained) in ISOCLIP_DEFAULTS:
+        return ISOCLIP_DEFAULTS[(backbone, pretrained)]
+    return round(rank * 150 / 512), round(rank * 50 / 512)
+
+
+def isoclip_projector(image_projection: torch.Tensor, text_projection: torch.Tensor, k_top: int,
+                      k_bottom: int) -> torch.Tensor:
+    """IsoCLIP's filtered image projector [d_v, d].
+
+    With open_clip's storage (``visual.proj`` [d_v, d], ``text_projection`` [d_t, d]),
+    Psi = W_i^T W_t = image_projection @ text_projection^T [d_v, d_t]. Its thin SVD U S V^T keeps the
+    directions k_top .. r - k_bottom; the filtered projector is U_S U_S^T image_projection, applied to
+    pre-projection image features (then L2-normalised). k_top = k_bottom = 0 gives back CLIP's projector
+    on its range.
+    """
+    psi = image_projection.double() @ text_projection.double().T
+    u, _, _ = torch.linalg.svd(psi, full_matrices=False)
+    r = min(u.shape[1], image_projection.shape[1])  # rank(Psi) <= d, the embedding dimension
+    u = u[:, :r]
+    if k_top < 0 or k_bottom < 0 or k_top + k_bottom >= r:
+        raise ConfigError(f"isoclip: k_top ({k_top}) + k_bottom ({k_bottom}) must be below the rank {r}")
+    u_s = u[:, k_top:r - k_bottom]
+    return (u_s @ (u_s.T @ image_projection.double())).float()
+
+
+@register_head
+class IsoCLIPHead(Head):
+    """IsoCLIP (Magistri et al., CVPR 2026): nearest class mean on pre-projection features mapped by the
+    filtered projector (`isoclip_projector`): prototypes are class means of the unnormalised
+    pre-projection features, each side mapped and L2-normalised, compared by cosine.
+    ``k_top``/``k_bottom`` default to the authors' per-backbone values (§5.3)."""
+
+    name = "isoclip"
+    inputs = "preprojection"
+
+    def __init__(self, dataset: str | None = None, k_top: int | None = None, k_bottom: int | None = None):
+        super().__init__(dataset)
+        self.k_top, self.k_bottom = k_top, k_bottom
+
+    def _fit(self, data: FitData) -> None:
+        ip, tp = data.extras.get("image_projection"), data.extras.get("text_projection")
+        if ip is None or tp is None:
+            raise HeadSkipped("isoclip needs pre-projection features and projectors (extract with preprojection: true)")
+        rank = min(ip.shape[0], tp.shape[0], ip.shape[1])
+        k_top, k_bottom = isoclip_defaults(data.extras.get("backbone"), data.extras.get("pretrained"), rank)
+        self.k_top = k_top if self.k_top is None else self.k_top
+        self.k_bottom = k_bottom if self.k_bottom is None else self.k_bottom
+        self.register_buffer("projector", isoclip_projector(ip.float(), tp.float(), self.k_top, self.k_bottom))
+        means = class_means(data.train_x, data.train_y, data.num_classes)
+        self.register_buffer("prototypes", self.transform(means))
+        self.hparams = {"k_top": self.k_top, "k_bottom": self.k_bottom}
+
+    def transform(self, preprojection: torch.Tensor) -> torch.Tensor:
+        """IsoCLIP image embeddings (for retrieval or any other head), [B, d]."""
+        return F.normalize(preprojection.float() @ self.projector, dim=-1)
+
+    def forward(self, x: torch.Tensor, text_x: torch.Tensor | None = None) -> torch.Tensor:
+        return CLIP_SCALE * self.transform(x) @ self.prototypes.T
+
+
+# -- prototype mixing (a reading of the TAMP abstract, §6.3) ----------------------------------------------
+@register_head
+class MixingHead(Head):
+    """Cross-modal prototype alignment and mixing, as *our reading of the abstract* of Goswami et al.
+    (arXiv 2603.24528; the method details were not available, methods-coder-gda-iso.md §6.3):
+
+    * image prototypes m_c (normalised class means) are aligned to the text space by projecting onto
+      the top-``r`` principal directions P of the class text embeddings: m~_c = norm(P P^T m_c);
+    * mixed with the text prototypes: p_c = norm(lambda m~_c + (1 - lambda) t_c);
+    * plus an image LDA term with the KS shrinkage covariance (GDA's): logits =
+      ``100 cos(x, p_c) + gamma (x w_c + b_c)``.
+
+    lambda, r and gamma are searched on val (``lambdas`` x ``ranks`` x ``gammas``); ``center_text`` centres
+    the text embeddings before the principal directions are taken.
+    """
+
+    name = "mixing"
+    needs_text = True
+
+    def __init__(self, dataset: str | None = None, lambdas: tuple[float, ...] = tuple(i / 10 for i in range(11)),
+                 ranks: tuple[float, ...] = (0.25, 0.5, 1.0), gammas: tuple[float, ...] = (0.0, 1e-3, 1e-2, 0.1, 1.0, 10.0),
+                 center_text: bool = False):
+        super().__init__(dataset)
+        self.lambdas, self.ranks, self.gammas, self.center_text = tuple(lambdas), tuple(ranks), tuple(gammas), center_text
+
+    def _fit(self, data: FitData) -> None:
+        means = class_means(data.train_x, data.train_y, data.num_classes)
+        precision = ks_precision(data.train_x, data.train_y, means)
+        weight = means @ precision
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", math.log(1.0 / data.num_classes) - 0.5 * (weight * means).sum(-1))
+        self.register_buffer("text", data.text)
+        self._prototypes = F.normalize(means, dim=-1)
+        text = data.text - data.text.mean(0) if self.center_text else data.text
+        self._directions = torch.linalg.svd(text.double(), full_matrices=False)[2].float()  # [min(C, D), D]
+        given = self._given or {}
+        self.lam, self.rank, self.gamma = given.get("lambda", 0.5), given.get("rank", self._directions.shape[0]), \
+            given.get("gamma", 1.0)
+        if not self._given and not self._skip_search(data, "lambda/rank/gamma"):
+            self._search(data)
+        self.register_buffer("mixed", self.mix(self.lam, self.rank))
+        self.hparams = {"lambda": round(self.lam, 3), "rank": self.rank, "gamma": self.gamma}
+
+    def mix(self, lam: float | torch.Tensor, rank: int) -> torch.Tensor:
+        """Mixed prototypes [..., C, D] for one rank and one or more lambdas."""
+        p = self._directions[:rank]
+        aligned = F.normalize(self._prototypes @ p.T @ p, dim=-1)
+        lam = torch.as_tensor(lam, dtype=aligned.dtype).reshape(-1, 1, 1)
+        return F.normalize(lam * aligned + (1 - lam) * self.text, dim=-1).squeeze(0)
+
+    def _search(self, data: FitData) -> None:
+        lambdas, gammas = torch.tensor(self.lambdas), torch.tensor(self.gammas)
+        lda = data.val_x @ self.weight.T + self.bias
+        ranks = sorted({max(1, round(f * self._directions.shape[0])) for f in self.ranks})
+        best = (-1.0, None)
+        for rank in ranks:  # a handful of ranks; lambdas and gammas are scored in one batch each
+            mixed = self.mix(lambdas, rank).reshape(len(lambdas), data.num_classes, -1)
+            base = CLIP_SCALE * torch.einsum("md,lcd->lmc", data.val_x, mixed)
+            acc = mixing_accuracy(base, lda, data.val_y, gammas)  # [lambdas, gammas]
+            i, j = first_best(acc)
+            if float(acc[i, j]) > best[0]:
+                best = (float(acc[i, j]), (float(lambdas[i]), rank, float(gammas[j])))
+        self.lam, self.rank, self.gamma = best[1]
+
+    def forward(self, x: torch.Tensor, text_x: torch.Tensor | None = None) -> torch.Tensor:
+        x = F.normalize(x.float(), dim=-1)
+        return CLIP_SCALE * x @ self.mixed.T + self.gamma * (x @ self.weight.T + self.bias)

@@ -38,15 +38,17 @@ class FeatureWriter(BasePredictionWriter):
         self._parts = {}
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        part = self._parts.setdefault(dataloader_idx, {"features": [], "labels": [], "keys": []})
+        part = self._parts.setdefault(dataloader_idx, {"features": [], "labels": [], "keys": [], "preproj": []})
         part["features"].append(prediction["features"].detach().to("cpu", torch.float16))
+        if "preproj" in prediction:
+            part["preproj"].append(prediction["preproj"].detach().to("cpu", torch.float16))
         part["labels"].append(prediction["label"].detach().cpu())
         part["keys"].extend(prediction["key"] or [])
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = trainer.datamodule
         split_names = list(getattr(dm, "predict_splits", [])) or [f"split{i}" for i in range(len(self._parts))]
-        splits, keys = {}, {}
+        splits, keys, preproj = {}, {}, {}
         for idx, name in enumerate(split_names):
             part = self._parts.get(idx)
             if part is None or not part["features"]:
@@ -56,10 +58,14 @@ class FeatureWriter(BasePredictionWriter):
                 continue
             splits[name] = (torch.cat(part["features"]), torch.cat(part["labels"]))
             keys[name] = part["keys"]
+            if part["preproj"]:
+                preproj[name] = torch.cat(part["preproj"])
         rank = trainer.global_rank
         text = pl_module.text_features if trainer.is_global_zero and getattr(pl_module, "has_text", False) else None
+        extras = pl_module.feature_file_extras() if trainer.is_global_zero and hasattr(pl_module, "feature_file_extras") \
+            else {}
         write_feature_file(self.output_dir / f"part-{rank:05d}.safetensors", splits, text_features=text,
-                           keys={k: v for k, v in keys.items() if v})
+                           keys={k: v for k, v in keys.items() if v}, preproj=preproj, extras=extras)
         trainer.strategy.barrier("feature_writer")
         if trainer.is_global_zero:
             self._write_manifest(trainer, pl_module, dm)

@@ -40,6 +40,8 @@ from adapters.protocol import few_shot_indices
 FEATURES = "{}.features"
 LABELS = "{}.labels"
 KEYS = "{}.keys"
+PREPROJ = "{}.preproj"
+SPLIT_SUFFIXES = (".features", ".labels", ".keys", ".preproj")
 TEXT_KEY = "text.features"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "clip-adapters-features"
@@ -50,17 +52,24 @@ _NP_DTYPES = {"F16": np.float16, "BF16": None, "F32": np.float32, "F64": np.floa
 
 @dataclass
 class Split:
-    """Features and labels of one split (tensors may be memory-mapped views)."""
+    """Features and labels of one split (tensors may be memory-mapped views); ``preproj``: the
+    pre-projection image features when the extraction stored them (IsoCLIP)."""
 
     features: torch.Tensor
     labels: torch.Tensor
     name: str
+    preproj: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, index: torch.Tensor, name: str | None = None) -> "Split":
-        return Split(self.features[index], self.labels[index], name or self.name)
+        preproj = None if self.preproj is None else self.preproj[index]
+        return Split(self.features[index], self.labels[index], name or self.name, preproj)
+
+
+def _is_split_key(key: str) -> bool:
+    return key != TEXT_KEY and key.endswith(SPLIT_SUFFIXES)
 
 
 def _mmap_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -133,11 +142,12 @@ class FeatureFile:
             tensors, _ = _mmap_tensors(part)
             for k, v in tensors.items():
                 pieces.setdefault(k, []).append(v)
-        # Text features come from the first part that has them; splits are concatenated and, when the
-        # parts carry sample keys, put in key order: the result does not depend on how many ranks wrote.
+        # Text features and other extras come from the first part that has them; splits are concatenated
+        # and, when the parts carry sample keys, put in key order: the result does not depend on how
+        # many ranks wrote.
         merged = {}
         for k, v in pieces.items():
-            if k == TEXT_KEY:
+            if not _is_split_key(k):
                 merged[k] = v[0]
             elif k.endswith(".keys"):
                 width = max(t.shape[1] for t in v)
@@ -148,7 +158,7 @@ class FeatureFile:
             split = k[: -len(".keys")]
             order = sorted(range(len(merged[k])), key=decode_keys(merged[k]).__getitem__)
             index = torch.tensor(order, dtype=torch.long)
-            for name in (FEATURES.format(split), LABELS.format(split), k):
+            for name in (FEATURES.format(split), LABELS.format(split), PREPROJ.format(split), k):
                 if name in merged:
                     merged[name] = merged[name][index]
         return merged, metadata
@@ -210,6 +220,24 @@ class FeatureFile:
     def has_split(self, split: str) -> bool:
         return FEATURES.format(split) in self._tensors
 
+    @property
+    def extras(self) -> dict[str, torch.Tensor]:
+        """Tensors beyond splits and the text classifier (``coder.*`` text set, ``isoclip.*`` projectors)."""
+        return {k: v for k, v in self._tensors.items() if not _is_split_key(k) and k != TEXT_KEY}
+
+    @property
+    def text_set(self):
+        """The CODER text set stored by the extraction, or None."""
+        from adapters.textsets import EmbeddedTextSet
+
+        return EmbeddedTextSet.from_tensors(self._tensors)
+
+    def head_extras(self) -> dict:
+        """What method-specific heads take from the file (`adapters.heads.FitData.extras`)."""
+        return {"text_set": self.text_set, "image_projection": self._tensors.get("isoclip.image_projection"),
+                "text_projection": self._tensors.get("isoclip.text_projection"),
+                "backbone": self.metadata.get("backbone"), "pretrained": self.metadata.get("pretrained")}
+
     def keys(self, split: str) -> list[str] | None:
         """Sample keys of ``split`` (extractions store them), or None."""
         self._require(split)
@@ -226,7 +254,7 @@ class FeatureFile:
         return self._tensors[LABELS.format(split)].long()
 
     def split(self, split: str) -> Split:
-        return Split(self.features(split), self.labels(split), split)
+        return Split(self.features(split), self.labels(split), split, self._tensors.get(PREPROJ.format(split)))
 
     def _require(self, split: str) -> None:
         if not self.has_split(split):
@@ -278,11 +306,14 @@ def write_feature_file(
     metadata: Mapping[str, object] | None = None,
     class_names: list[str] | None = None,
     keys: Mapping[str, Sequence[str]] | None = None,
+    preproj: Mapping[str, torch.Tensor] | None = None,
+    extras: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a feature file atomically (features as fp16, labels as int64).
 
     ``splits`` maps a split name to ``(features [N, D], labels [N])``; ``keys`` optionally maps a split
-    to its sample keys (stored as ``{split}.keys``, uint8 [N, L]).
+    to its sample keys (stored as ``{split}.keys``, uint8 [N, L]); ``preproj`` to its pre-projection
+    features (``{split}.preproj``, fp16); ``extras`` are further named tensors (text sets, projectors).
     """
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
@@ -300,6 +331,12 @@ def write_feature_file(
         if len(split_keys) != len(splits[name][1]):
             raise FeatureFileError(f"{path}: split {name!r}: {len(split_keys)} keys for {len(splits[name][1])} samples")
         tensors[KEYS.format(name)] = encode_keys(split_keys)
+    for name, values in (preproj or {}).items():
+        tensors[PREPROJ.format(name)] = values.detach().to("cpu", torch.float16).clone()
+    for name, value in (extras or {}).items():
+        if _is_split_key(name) or name == TEXT_KEY:
+            raise ConfigError(f"extras: {name!r} collides with a split or text key")
+        tensors[name] = value.detach().cpu().contiguous().clone()
     if text_features is not None:
         tensors[TEXT_KEY] = text_features.detach().to("cpu", torch.float16).clone()
         dims.add(text_features.shape[1])
@@ -410,6 +447,10 @@ class FeatureDataModule(L.LightningDataModule):
     @property
     def text_features(self) -> torch.Tensor | None:
         return self.file.text_features
+
+    @property
+    def text_set(self):
+        return self.file.text_set
 
     def head_data(self, module=None) -> tuple[Split, Split | None]:
         """The K-shot training split and the val split, whole (for caches and hyper-parameter searches)."""

@@ -53,7 +53,10 @@ def test_all_heads_with_text_features_and_seeds(tmp_path, capsys):
     assert evaluate.main(["--features", str(path), "--shots", "2", "4", "--seeds", "1", "2",
                           "--output", str(out)]) == 0
     records = json.loads(out.read_text())
-    assert len(records) == 2 * 2 * 4  # shots x seeds x default heads
+    assert len(records) == 2 * 2 * 8  # shots x seeds x default heads (all of them)
+    skipped = {r["head"]: r["skipped"] for r in records if "skipped" in r}
+    assert set(skipped) == {"isoclip", "coder", "coder_adapter"}  # the file has no text set / pre-projection
+    assert "pre-projection" in skipped["isoclip"] and "text set" in skipped["coder"]
     tip = next(r for r in records if r["head"] == "tip")
     assert set(tip["hyperparameters"]) == {"alpha", "beta"} and tip["train"].startswith("train, 2 per class")
     assert "zeroshot" in capsys.readouterr().out

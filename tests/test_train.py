@@ -19,7 +19,7 @@ from datamodules.images import ImageShardDataModule
 from tests.conftest import ROOT, shared
 from tests.helpers import make_shards
 
-CONFIGS = sorted((ROOT / "configs" / "dac").glob("*.yaml"))
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*/*.yaml") if p.parent.name != "data")
 
 
 def fit(run_dir, *extra, config="configs/dac/caltech101.yaml"):
@@ -37,7 +37,7 @@ def extracted(tmp_path_factory):
     return shards, root / "run" / "features"
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_fast_dev_run_of_each_config(config, tmp_path, extracted):
     data = []
     if config.stem == "demo":
@@ -48,36 +48,50 @@ def test_fast_dev_run_of_each_config(config, tmp_path, extracted):
     assert (tmp_path / "adapter" / WEIGHTS_NAME).is_file()
 
 
-def test_extraction_output_reads_back_and_evaluates(extracted, tmp_path):
+def test_extraction_output_reads_back_and_every_head_evaluates(extracted, tmp_path):
+    import json
+
     import evaluate
 
     ff = FeatureFile(extracted[1])
     assert ff.splits == ["test", "train", "val"] and ff.num_classes == 9 and ff.text_features.shape == (9, 32)
     assert ff.keys("train") == sorted(ff.keys("train")) and len(ff.keys("train")) == 54
-    assert evaluate.main(["--features", str(extracted[1]), "--shots", "2", "--output", str(tmp_path / "r.json")]) == 0
+    assert ff.split("train").preproj.shape == (54, 64) and ff.text_set.embeddings.shape == (9, 32)
+    out = tmp_path / "r.json"
+    assert evaluate.main(["--features", str(extracted[1]), "--shots", "2", "--output", str(out)]) == 0
+    records = json.loads(out.read_text())
+    ran = {r["head"] for r in records if "metrics" in r}
+    assert ran == {"zeroshot", "prototype", "tip", "gda", "isoclip", "mixing", "coder", "coder_adapter"}
 
 
-RESUME_ARGS = ["--trainer.max_epochs", "3", "--checkpoint_every_n_steps", "3",
-               "--model.init_args.feature_noise", "0.05", "--model.init_args.dropout", "0.1"]
-
-
-def test_resume_after_a_crash_ends_with_the_same_adapter(tmp_path):
-    """Crash mid-epoch (step 10 of 21; last checkpoint at step 9), resume with --ckpt_path last: the
-    exported adapter equals an uninterrupted run's, exactly (CPU). Noise and dropout draw from the RNG,
+@pytest.mark.parametrize("method", ["dac", "coder"])
+def test_resume_after_a_crash_ends_with_the_same_adapter(tmp_path, extracted, method):
+    """Crash mid-epoch (step 10; last checkpoint at step 9), resume with --ckpt_path last: the exported
+    adapter equals an uninterrupted run's, exactly (CPU). DAC's noise and dropout draw from the RNG,
     so this also checks that RNG states and the data order are restored."""
-    shared("clip-vit-b32-features/caltech101.safetensors")
-    assert fit(tmp_path / "whole", *RESUME_ARGS, "--ckpt_path", "last") == 0  # nothing to resume: fresh start
+    if method == "dac":
+        shared("clip-vit-b32-features/caltech101.safetensors")
+        args = ["--trainer.max_epochs", "3", "--model.init_args.feature_noise", "0.05", "--model.init_args.dropout", "0.1"]
+        config = "configs/dac/caltech101.yaml"  # 7 steps per epoch
+    else:
+        args = ["--trainer.max_epochs", "5", "--data.init_args.path", str(extracted[1]), "--data.init_args.shots", "4",
+                "--data.init_args.batch_size", "8"]
+        config = "configs/coder/demo.yaml"  # 5 steps per epoch
+    args += ["--checkpoint_every_n_steps", "3"]
+    assert fit(tmp_path / "whole", *args, "--ckpt_path", "last", config=config) == 0  # nothing to resume: fresh
     with pytest.raises(RuntimeError, match="simulated crash"):
-        fit(tmp_path / "crashed", *RESUME_ARGS, "--trainer.callbacks+=tests.helpers.CrashAtStep",
-            "--trainer.callbacks.step", "10")
+        fit(tmp_path / "crashed", *args, "--trainer.callbacks+=tests.helpers.CrashAtStep",
+            "--trainer.callbacks.step", "10", config=config)
     assert (tmp_path / "crashed" / "checkpoints" / "last.ckpt").is_file()
     assert not (tmp_path / "crashed" / "adapter").exists()  # an interrupted fit exports nothing
-    assert fit(tmp_path / "crashed", *RESUME_ARGS, "--ckpt_path", "last") == 0
+    assert fit(tmp_path / "crashed", *args, "--ckpt_path", "last", config=config) == 0
     a = load_file(str(tmp_path / "whole" / "adapter" / WEIGHTS_NAME))
     b = load_file(str(tmp_path / "crashed" / "adapter" / WEIGHTS_NAME))
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    loaded = adapters.load_adapter(tmp_path / "crashed" / "adapter")  # and the export loads back
+    assert loaded.method == {"dac": "dac", "coder": "coder_adapter"}[method]
 
 
 def test_export_round_trip_identical_logits_and_no_backbone(tmp_path, extracted):
