@@ -56,6 +56,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adapter", nargs="+", default=[], metavar="DIR",
                    help="exported adapters (train.py's <run_dir>/adapter): scored on their own, and every head "
                         "is also run on their adapted features")
+    p.add_argument("--overlap", action="store_true",
+                   help="also report the intra-modal overlap of each file's test features (200 bins on [-1, 1]) "
+                        "in every feature space, with a plot per file next to --output")
     p.add_argument("--output", default="eval_results.json", metavar="JSON",
                    help="where to write the results (a JSON list of records); '' to skip")
     args = p.parse_args(argv)
@@ -114,45 +117,82 @@ def evaluate_file(path: str, heads: Sequence[str], shots: Sequence[int], seeds: 
                         "train": "the adapter's own training set", "selected_on": "val (at training time)",
                         "adapter": adapter_path, "hyperparameters": dict(adapter.export_config().get("head_hparams") or {}),
                         "notes": [], "metrics": score(logits, evaluation.labels)})
+    file_view = ff.metadata.get("adapter") if evaluation.adapted is not None else None  # e.g. IMO's TA++
     for k in shots:
         fixed = ff.has_split(f"train_{k}shot")
         for seed in ([None] if fixed else seeds):
             train, train_desc = ff.train_split(k, seed if seed is not None else 1)
-            views = [(None, None, lambda x: x)] + [(a, p, a.adapt) for a, p in zip(adapters, adapter_paths)
-                                                  if a.adapts_features]
-            for adapter, adapter_path, adapt in views:
-                with torch.no_grad():
-                    data = FitData(adapt(F.normalize(train.features.float(), dim=-1)), train.labels, ff.num_classes,
-                                   text=text,
-                                   val_x=None if val is None else adapt(F.normalize(val.features.float(), dim=-1)),
-                                   val_y=None if val is None else val.labels, dataset=ff.dataset,
-                                   val_text_x=None if val is None else val.features, extras=extras)
-                    test_x = F.normalize(evaluation.features.float(), dim=-1)
-                    test_adapted = adapt(test_x)
+            for view in _views(train, val, evaluation, adapters, adapter_paths, file_view):
+                data = FitData(view["train"], train.labels, ff.num_classes, text=text, val_x=view["val"],
+                               val_y=None if val is None else val.labels, dataset=ff.dataset,
+                               val_text_x=None if val is None else val.features, extras=extras)
+                test_x = F.normalize(evaluation.features.float(), dim=-1)
                 for name in heads:
                     preprojection = HEADS[name].inputs == "preprojection"
-                    if adapter is not None and (name in ("zeroshot", "coder") or preprojection):
+                    if view["name"] and (name in ("zeroshot", "coder") or preprojection):
                         continue  # these use the original features only: identical to the plain rows
-                    record = {**base, "head": name if adapter is None else f"{name}+{adapter.method}",
+                    record = {**base, "head": f"{name}+{view['name']}" if view["name"] else name,
                               "shots": k, "seed": seed, "train": train_desc,
                               "selected_on": "val" if val is not None else "defaults (no separate val split)"}
-                    if adapter is not None:
-                        record["adapter"] = adapter_path
+                    if view["source"]:
+                        record["adapter"] = view["source"]
                     try:
                         if preprojection:
                             head, logits = _fit_preprojection_head(name, ff, train, val, evaluation, text, extras)
                         else:
                             head = build_head(name, dataset=ff.dataset).fit(data)
-                            logits = head(test_adapted, text_x=test_x)
+                            logits = head(view["test"], text_x=test_x)
                     except HeadSkipped as e:
                         records.append({**record, "skipped": str(e)})
                         continue
                     notes = list(head.notes)
                     if eval_split == "val":
                         notes.append("no test split: scored on val")
+                    if name == "tip" and view["name"]:
+                        notes.append("TA++: cache on adapted features, zero-shot term on the original ones")
                     metrics = score(logits, evaluation.labels)
                     records.append({**record, "hyperparameters": head.hparams, "notes": notes, "metrics": metrics})
     return records
+
+
+@torch.no_grad()
+def _views(train, val, evaluation, adapters, adapter_paths, file_view) -> list[dict]:
+    """The feature spaces the heads run in: the original embeddings, each exported adapter's adapted
+    embeddings, and the adapted embeddings stored in the file by an encoder adapter (IMO)."""
+    def norm(t):
+        return None if t is None else F.normalize(t.float(), dim=-1)
+
+    views = [{"name": None, "source": None, "train": norm(train.features), "val": norm(val.features) if val else None,
+              "test": norm(evaluation.features)}]
+    for adapter, path in zip(adapters, adapter_paths):
+        if adapter.adapts_features:
+            views.append({"name": adapter.method, "source": path, "train": adapter.adapt(views[0]["train"]),
+                          "val": None if val is None else adapter.adapt(views[0]["val"]),
+                          "test": adapter.adapt(views[0]["test"])})
+    if file_view and train.adapted is not None:
+        views.append({"name": file_view, "source": "adapted features in the file", "train": norm(train.adapted),
+                      "val": None if val is None else norm(val.adapted), "test": norm(evaluation.adapted)})
+    return views
+
+
+def overlap_records(path: str, adapters: Sequence = (), adapter_paths: Sequence[str] = (), plot: str | None = None,
+                    bins: int = 200) -> list[dict]:
+    """Intra-modal overlap of the evaluation split in every feature space (original, adapters, file-adapted),
+    with a PNG of the histograms when ``plot`` is a path."""
+    from adapters.metrics import intra_modal_overlap
+    from callbacks.overlap import save_overlap_plot
+
+    ff = FeatureFile(path)
+    split = ff.split("test" if ff.has_split("test") else "val")
+    file_view = ff.metadata.get("adapter") if split.adapted is not None else None
+    curves = {}
+    for view in _views(split, None, split, adapters, adapter_paths, file_view):
+        overlap, same, diff = intra_modal_overlap(view["test"], split.labels, bins=bins)
+        curves[view["name"] or "original"] = (same, diff, overlap)
+    if plot:
+        save_overlap_plot(curves, plot, title=f"{ff.dataset}: {split.name} split")
+    return [{"dataset": ff.dataset, "features": str(path), "split": split.name, "space": name, "overlap": curve[2],
+             "bins": bins, "plot": plot} for name, curve in curves.items()]
 
 
 def _fit_preprojection_head(name, ff, train, val, evaluation, text, extras):
@@ -203,10 +243,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         adapters = load_adapters(args.adapter)
         records = [r for path in args.features
                    for r in evaluate_file(path, args.heads, args.shots, args.seeds, adapters, args.adapter)]
+        overlaps = []
+        if args.overlap:
+            plot_dir = Path(args.output).parent if args.output else Path(".")
+            for path in args.features:
+                plot = plot_dir / f"overlap_{Path(path).stem}.png"
+                overlaps += overlap_records(path, adapters, args.adapter, plot=str(plot))
     except UserError as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
     console.print(render(records))
+    for r in overlaps:
+        console.print(f"overlap {r['dataset']} ({r['split']}, {r['space']}): {r['overlap']:.3f}  plot: {r['plot']}")
+    records += [{"task": "intra_modal_overlap", **r} for r in overlaps]
     if args.output:
         atomic_write_text(args.output, json.dumps(records, indent=2))
         console.print(f"results written to {Path(args.output).resolve()}")

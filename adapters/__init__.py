@@ -5,7 +5,7 @@
 import importlib
 
 #: Modules defining the built-in trained methods; importing them registers each with `register_adapter`.
-BUILTIN_METHODS = ("adapters.dac", "adapters.coder", "adapters.extractor")
+BUILTIN_METHODS = ("adapters.dac", "adapters.coder", "adapters.extractor", "adapters.imo")
 
 
 def load_adapter(path, backbone=None, map_location="cpu"):

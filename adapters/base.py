@@ -208,18 +208,20 @@ class AdapterModule(L.LightningModule):
             self.log(f"train/{k}", v, batch_size=bs)
         return loss
 
-    def _evaluate(self, batch: dict, metrics) -> None:
+    def _evaluate(self, batch: dict, metrics) -> dict:
+        """Update and log ``metrics``; return original and adapted embeddings (for the overlap callback)."""
         features = self.image_features(batch)
         if features.ndim == 3:
             features = F.normalize(features.mean(1), dim=-1)
         metrics.update(self.logits(features), batch["label"])
         self.log_dict(metrics, on_epoch=True, batch_size=len(batch["label"]))
+        return {"original": features, "adapted": self.adapt(features), "label": batch["label"]}
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics)
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._evaluate(batch, self.val_metrics)
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics)
+    def test_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._evaluate(batch, self.test_metrics)
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """Adapted embeddings for feature extraction (views averaged before normalising, as Tip-Adapter)."""

@@ -257,10 +257,10 @@ class CoderAdapter(AdapterModule):
         alpha, beta = self.hparams.init_alpha, self.hparams.init_beta
         return F.cross_entropy(self.logits(features, alpha, beta), labels), {}
 
-    def _evaluate(self, batch, metrics) -> None:
+    def _evaluate(self, batch, metrics) -> dict:
         if self.head_hparams is None:
             self.__dict__["_head"] = None  # during training: init alpha/beta on the current keys
-        super()._evaluate(batch, metrics)
+        return super()._evaluate(batch, metrics)
 
     @property
     def head(self) -> CoderAdapterHead | None:

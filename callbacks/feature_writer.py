@@ -22,6 +22,12 @@ from datamodules.features import MANIFEST, MANIFEST_FORMAT, write_feature_file
 log = logging.getLogger(__name__)
 
 
+def _encoder_method(pl_module) -> str:
+    """The adapter whose adapted features the file holds beside the original ones (e.g. "imo")."""
+    encoder = pl_module.__dict__.get("_encoder")
+    return getattr(encoder, "method", "") if encoder is not None else getattr(pl_module, "method", "")
+
+
 class FeatureWriter(BasePredictionWriter):
     """Collect ``predict_step`` outputs per split and write them per rank.
 
@@ -38,17 +44,19 @@ class FeatureWriter(BasePredictionWriter):
         self._parts = {}
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        part = self._parts.setdefault(dataloader_idx, {"features": [], "labels": [], "keys": [], "preproj": []})
+        part = self._parts.setdefault(dataloader_idx, {"features": [], "labels": [], "keys": [], "preproj": [],
+                                                       "adapted": []})
         part["features"].append(prediction["features"].detach().to("cpu", torch.float16))
-        if "preproj" in prediction:
-            part["preproj"].append(prediction["preproj"].detach().to("cpu", torch.float16))
+        for optional in ("preproj", "adapted"):  # pre-projection features (IsoCLIP), adapted encoder (IMO)
+            if optional in prediction:
+                part[optional].append(prediction[optional].detach().to("cpu", torch.float16))
         part["labels"].append(prediction["label"].detach().cpu())
         part["keys"].extend(prediction["key"] or [])
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = trainer.datamodule
         split_names = list(getattr(dm, "predict_splits", [])) or [f"split{i}" for i in range(len(self._parts))]
-        splits, keys, preproj = {}, {}, {}
+        splits, keys, preproj, adapted = {}, {}, {}, {}
         for idx, name in enumerate(split_names):
             part = self._parts.get(idx)
             if part is None or not part["features"]:
@@ -60,12 +68,15 @@ class FeatureWriter(BasePredictionWriter):
             keys[name] = part["keys"]
             if part["preproj"]:
                 preproj[name] = torch.cat(part["preproj"])
+            if part["adapted"]:
+                adapted[name] = torch.cat(part["adapted"])
         rank = trainer.global_rank
         text = pl_module.text_features if trainer.is_global_zero and getattr(pl_module, "has_text", False) else None
         extras = pl_module.feature_file_extras() if trainer.is_global_zero and hasattr(pl_module, "feature_file_extras") \
             else {}
         write_feature_file(self.output_dir / f"part-{rank:05d}.safetensors", splits, text_features=text,
-                           keys={k: v for k, v in keys.items() if v}, preproj=preproj, extras=extras)
+                           keys={k: v for k, v in keys.items() if v}, preproj=preproj, extras=extras,
+                           adapted=adapted)
         trainer.strategy.barrier("feature_writer")
         if trainer.is_global_zero:
             self._write_manifest(trainer, pl_module, dm)
@@ -77,7 +88,7 @@ class FeatureWriter(BasePredictionWriter):
             "backbone": hp.backbone, "pretrained": hp.pretrained or "none", "dim": pl_module.embed_dim,
             "dataset": getattr(dm, "dataset_name", None) or hp.get("dataset") or self.output_dir.name,
             "normalized": "l2", "num_classes": hp.num_classes, "views": getattr(dm, "views", 1),
-            "adapter": getattr(pl_module, "method", ""),
+            "adapter": _encoder_method(pl_module),
         }
         if hp.get("class_names"):
             metadata["class_names"] = json.dumps(list(hp.class_names))

@@ -41,7 +41,8 @@ FEATURES = "{}.features"
 LABELS = "{}.labels"
 KEYS = "{}.keys"
 PREPROJ = "{}.preproj"
-SPLIT_SUFFIXES = (".features", ".labels", ".keys", ".preproj")
+ADAPTED = "{}.adapted"
+SPLIT_SUFFIXES = (".features", ".labels", ".keys", ".preproj", ".adapted")
 TEXT_KEY = "text.features"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "clip-adapters-features"
@@ -59,13 +60,15 @@ class Split:
     labels: torch.Tensor
     name: str
     preproj: torch.Tensor | None = None
+    #: embeddings of an adapted encoder (IMO) stored beside the original ones
+    adapted: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, index: torch.Tensor, name: str | None = None) -> "Split":
-        preproj = None if self.preproj is None else self.preproj[index]
-        return Split(self.features[index], self.labels[index], name or self.name, preproj)
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return Split(self.features[index], self.labels[index], name or self.name, pick(self.preproj), pick(self.adapted))
 
 
 def _is_split_key(key: str) -> bool:
@@ -158,7 +161,7 @@ class FeatureFile:
             split = k[: -len(".keys")]
             order = sorted(range(len(merged[k])), key=decode_keys(merged[k]).__getitem__)
             index = torch.tensor(order, dtype=torch.long)
-            for name in (FEATURES.format(split), LABELS.format(split), PREPROJ.format(split), k):
+            for name in (FEATURES.format(split), LABELS.format(split), PREPROJ.format(split), ADAPTED.format(split), k):
                 if name in merged:
                     merged[name] = merged[name][index]
         return merged, metadata
@@ -254,7 +257,8 @@ class FeatureFile:
         return self._tensors[LABELS.format(split)].long()
 
     def split(self, split: str) -> Split:
-        return Split(self.features(split), self.labels(split), split, self._tensors.get(PREPROJ.format(split)))
+        return Split(self.features(split), self.labels(split), split, self._tensors.get(PREPROJ.format(split)),
+                     self._tensors.get(ADAPTED.format(split)))
 
     def _require(self, split: str) -> None:
         if not self.has_split(split):
@@ -308,6 +312,7 @@ def write_feature_file(
     keys: Mapping[str, Sequence[str]] | None = None,
     preproj: Mapping[str, torch.Tensor] | None = None,
     extras: Mapping[str, torch.Tensor] | None = None,
+    adapted: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a feature file atomically (features as fp16, labels as int64).
 
@@ -333,6 +338,8 @@ def write_feature_file(
         tensors[KEYS.format(name)] = encode_keys(split_keys)
     for name, values in (preproj or {}).items():
         tensors[PREPROJ.format(name)] = values.detach().to("cpu", torch.float16).clone()
+    for name, values in (adapted or {}).items():
+        tensors[ADAPTED.format(name)] = values.detach().to("cpu", torch.float16).clone()
     for name, value in (extras or {}).items():
         if _is_split_key(name) or name == TEXT_KEY:
             raise ConfigError(f"extras: {name!r} collides with a split or text key")

@@ -29,6 +29,7 @@ with a one-line error naming the shard and sample.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import multiprocessing as mp
 import random
@@ -191,9 +192,15 @@ def decode_sample(sample: dict, transform: Callable, views: int, num_classes: in
         image = image.convert("RGB")
     except Exception as e:  # PIL raises many types for bad bytes
         raise CorruptDataError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from None
+    targets = None
     try:
         if label == "cls":
             y = int(sample["cls"])
+        elif label == "multi":  # multi-label shards: json "labels", cls the first of them
+            labels = [int(v) for v in json.loads(sample["json"])["labels"]]
+            y = labels[0]
+            targets = torch.zeros(num_classes)
+            targets[labels] = 1.0
         else:
             from datamodules.shards import label_of
 
@@ -203,13 +210,19 @@ def decode_sample(sample: dict, transform: Callable, views: int, num_classes: in
     if not 0 <= y < num_classes:
         raise CorruptDataError(f"{where}: label {y} outside 0..{num_classes - 1}")
     pixels = torch.stack([transform(image) for _ in range(views)]) if views > 1 else transform(image)
-    return {"image": pixels, "label": y, "key": sample["__key__"]}
+    out = {"image": pixels, "label": y, "key": sample["__key__"]}
+    if targets is not None:
+        out["targets"] = targets
+    return out
 
 
 def collate(samples: list[dict]) -> dict:
-    return {"image": torch.stack([s["image"] for s in samples]),
-            "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
-            "key": [s["key"] for s in samples]}
+    batch = {"image": torch.stack([s["image"] for s in samples]),
+             "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+             "key": [s["key"] for s in samples]}
+    if "targets" in samples[0]:
+        batch["targets"] = torch.stack([s["targets"] for s in samples])
+    return batch
 
 
 # -- loaders ----------------------------------------------------------------------------------------
@@ -314,7 +327,9 @@ class ImageShardDataModule(L.LightningDataModule):
             if backbone is None:
                 raise ConfigError("ImageShardDataModule: no transforms (call set_transforms, or train a model "
                                   "with a `backbone`)")
-            self.set_transforms(backbone.train_transform, backbone.eval_transform)
+            # a model may train on its own transform (IMO: no augmentation, optional normalisation)
+            self.set_transforms(getattr(module, "train_transform", None) or backbone.train_transform,
+                                backbone.eval_transform)
 
     # -- few-shot selection ---------------------------------------------------------------------------
     def _selection(self, split: ShardSplit) -> tuple[list[str], list[int], frozenset | None]:

@@ -162,8 +162,13 @@ def _image_payload(record: Record, reencode: bool) -> tuple[str, bytes]:
 
 def write_shards(records: Sequence[Record], class_names: Sequence[str], out_dir: str | Path, *,
                  max_count: int = 1000, max_size: int | None = None, seed: int = 0, reencode: bool = False,
-                 progress: bool = True, dataset: str | None = None) -> dict:
-    """Write ``records`` into ``out_dir`` as tar shards per split, plus manifest and index files."""
+                 progress: bool = True, dataset: str | None = None,
+                 multi_labels: dict[str, list[int]] | None = None) -> dict:
+    """Write ``records`` into ``out_dir`` as tar shards per split, plus manifest and index files.
+
+    ``multi_labels`` (source path -> all labels, the record's own first) makes multi-label shards: the
+    labels go into each sample's ``json`` and the manifest says ``label: multi``.
+    """
     if max_count < 1:
         raise ConfigError(f"max_count: must be >= 1, got {max_count}")
     out_dir = Path(out_dir)
@@ -176,12 +181,13 @@ def write_shards(records: Sequence[Record], class_names: Sequence[str], out_dir:
         items = sorted((r for r in records if r.split == split), key=lambda r: (r.label, str(r.path)))
         random.Random(seed).shuffle(items)  # deterministic, and every shard mixes classes
         manifest["splits"][split] = _write_split(split, items, len(class_names), class_names, out_dir,
-                                                  max_count, max_size, reencode, progress)
+                                                  max_count, max_size, reencode, progress, multi_labels)
     atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 
-def _write_split(split, items, num_classes, class_names, out_dir, max_count, max_size, reencode, progress):
+def _write_split(split, items, num_classes, class_names, out_dir, max_count, max_size, reencode, progress,
+                 multi_labels=None):
     shards, index_lines = [], []
     class_counts = [0] * num_classes
     iterator: Iterable = items
@@ -200,14 +206,17 @@ def _write_split(split, items, num_classes, class_names, out_dir, max_count, max
         if not 0 <= record.label < num_classes:
             raise ConfigError(f"{record.path}: label {record.label} outside 0..{num_classes - 1}")
         key = f"{split}_{i:08d}"
-        writer.write({"__key__": key, ext: data, "cls": record.label,
-                      "json": {"class_name": class_names[record.label], "source": str(record.path), "split": split}})
+        meta = {"class_name": class_names[record.label], "source": str(record.path), "split": split}
+        if multi_labels is not None:
+            meta["labels"] = multi_labels.get(str(record.path), [record.label])
+        writer.write({"__key__": key, ext: data, "cls": record.label, "json": meta})
         index_lines.append(f"{key}\t{record.label}\t{writer.path.name}")
         class_counts[record.label] += 1
     if writer is not None:
         shards.append(writer.close())
     atomic_write_text(out_dir / f"{split}-index.tsv", "".join(line + "\n" for line in index_lines))
-    return {"count": len(items), "class_counts": class_counts, "shards": shards, "index": f"{split}-index.tsv"}
+    return {"count": len(items), "class_counts": class_counts, "shards": shards, "index": f"{split}-index.tsv",
+            "label": "multi" if multi_labels is not None else "cls"}
 
 
 #: Bytes a sample adds to a tar beyond its image: three member headers and their 512-byte padding.

@@ -59,3 +59,31 @@ class CrashAtStep(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= self.step:
             raise RuntimeError(f"simulated crash at step {trainer.global_step}")
+
+
+def make_openimages(root: Path, images_per_class: int = 8, seed: int = 0) -> dict[str, Path]:
+    """Small Open Images-format inputs: class descriptions, image-level labels (positives, negatives and
+    second labels) and ``<ImageID>.jpg`` files (synthetic shapes)."""
+    import csv
+    import random
+
+    from datamodules.synthetic import CLASS_NAMES, render
+
+    rng = random.Random(seed)
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    label_names = [f"/m/0{i:03d}" for i in range(len(CLASS_NAMES))]
+    with open(root / "classes.csv", "w", newline="") as f:
+        csv.writer(f).writerows(zip(label_names, CLASS_NAMES))
+    with open(root / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["ImageID", "Source", "LabelName", "Confidence"])
+        for c, name in enumerate(CLASS_NAMES):
+            for i in range(images_per_class):
+                image_id = f"{c:02d}{i:04d}abcdef"
+                render(name, rng, 32).save(images / f"{image_id}.jpg")
+                w.writerow([image_id, "verification", label_names[c], 1])
+                w.writerow([image_id, "verification", label_names[(c + 1) % len(CLASS_NAMES)], 0])  # negative
+                if i % 4 == 0:
+                    w.writerow([image_id, "crowdsource", label_names[(c + 3) % len(CLASS_NAMES)], 1])  # second label
+    return {"labels": root / "labels.csv", "classes": root / "classes.csv", "images": images}

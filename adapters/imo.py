@@ -1,0 +1,201 @@
+"""IMO: adapters inside every ViT block, trained once on a generic labelled set to reduce intra-modal overlap.
+
+"CLIP Adaptation by Intra-modal Overlap Reduction" (Kravets & Namboodiri, BMVC 2024); spec and the
+code's choices: ../shared/reference/methods-dac-imo.md §2. An AdaptFormer-style parallel bottleneck
+(down d->64, ReLU, dropout 0.1, up 64->d, fixed scale 0.03; up projection and all biases zero, so the
+adapted model starts exactly equal to CLIP) sits beside the MLP of every residual block of open_clip's
+VisionTransformer:
+
+    x <- x + MLP(LN_2(x)) + s * up(dropout(relu(down(x))))
+
+with x the residual stream after attention. The adapters are attached with forward hooks on each
+block's ``ln_2`` (to read x) and ``ls_2`` (to add the branch): no open_clip code is copied, and with
+``adapters_enabled = False`` the same module gives CLIP's features bit for bit. Only the adapters and a
+linear head over the training classes train (cross-entropy, or BCE for multi-label shards); AdamW
+lr 8e-3, batch 128, 1 epoch by default (``configs/imo/openimages.yaml``).
+
+**CLIP normalisation.** The reference code trains on [0, 1] pixels (its ``Normalize`` is commented
+out) while evaluation normalises, so the adapter is trained on inputs it never sees at test time.
+``clip_normalization=True`` (default) trains on what the evaluation uses; set False to reproduce.
+
+After training, ``train.py predict`` with this model writes both the original and the adapted
+features of every split; ``evaluate.py`` then compares ZS, TA (cache on original features) and TA++
+(cache on adapted features, zero-shot term on the original ones, as the reference does).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import transforms as T
+
+from adapters.backbone import FrozenCLIP, register_model_configs
+from adapters.base import AdapterModule, register_adapter
+from adapters.errors import ConfigError
+
+
+class ParallelAdapter(nn.Module):
+    """down -> ReLU -> dropout -> up, times a fixed scale; the up projection and biases start at zero."""
+
+    def __init__(self, width: int, bottleneck: int, scale: float, dropout: float):
+        super().__init__()
+        self.down = nn.Linear(width, bottleneck)
+        self.up = nn.Linear(bottleneck, width)
+        self.drop = nn.Dropout(dropout)
+        self.scale = scale
+        nn.init.zeros_(self.down.bias)  # the reference's "lora" init: Kaiming down, zero up and biases
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.up(self.drop(F.relu(self.down(x))))
+
+
+@register_adapter
+class IMOAdapter(AdapterModule):
+    """Parallel adapters in every block of the frozen image encoder (see the module docstring).
+
+    Args:
+        bottleneck: adapter width (64 in the reference).
+        scale: fixed scale of the adapter branch (0.03 supervised; 0.1 in the reference's DINO variant).
+        dropout: dropout inside the adapters (train mode only).
+        loss: ``"ce"`` (one label per image, as the reference) or ``"bce"`` (multi-label shards).
+        clip_normalization: train on CLIP-normalised pixels (default) or on [0, 1] pixels as the reference.
+        grad_checkpointing: recompute block activations in backward (less memory, more compute).
+        **kwargs: `AdapterModule` arguments (num_classes: the training classes; backbone; lr ...).
+    """
+
+    method = "imo"
+
+    def __init__(self, bottleneck: int = 64, scale: float = 0.03, dropout: float = 0.1,
+                 loss: Literal["ce", "bce"] = "ce", clip_normalization: bool = True, grad_checkpointing: bool = False,
+                 **kwargs):
+        kwargs.setdefault("lr", 8e-3)
+        kwargs.setdefault("scheduler", "constant")
+        super().__init__(**kwargs)
+        if loss not in ("ce", "bce"):
+            raise ConfigError(f"loss: must be 'ce' or 'bce', got {loss!r}")
+        # sizes from the architecture's config: the weights are loaded only when first used
+        register_model_configs()
+        vision = open_clip.get_model_config(self.hparams.backbone)["vision_cfg"]
+        if not isinstance(vision.get("layers"), int) or "width" not in vision:
+            raise ConfigError(f"backbone: IMO needs a ViT image encoder, {self.hparams.backbone} is not one")
+        self.adapters = nn.ModuleList(ParallelAdapter(vision["width"], bottleneck, scale, dropout)
+                                      for _ in range(vision["layers"]))
+        self.classifier = nn.Linear(self.embed_dim, self.hparams.num_classes)
+        self.adapters_enabled = True
+        self.__dict__["_attached_to"] = None
+
+    # -- hooks ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _blocks(backbone: FrozenCLIP) -> list[nn.Module]:
+        visual = backbone._vit()  # raises a clear error for non-ViT encoders
+        return list(visual.transformer.resblocks)
+
+    @property
+    def encoder(self) -> FrozenCLIP:
+        """The backbone, with this module's adapters hooked into its blocks."""
+        backbone = self.backbone
+        if self.__dict__["_attached_to"] is not backbone:
+            self._attach(backbone)
+        return backbone
+
+    def _attach(self, backbone: FrozenCLIP) -> None:
+        for handle in getattr(self, "_handles", []):
+            handle.remove()
+        self._stream: dict[int, torch.Tensor] = {}
+        self._handles = []
+        blocks = self._blocks(backbone)
+        if len(blocks) != len(self.adapters):
+            raise ConfigError(f"backbone: {len(blocks)} blocks, the adapter has {len(self.adapters)}")
+        for i, block in enumerate(blocks):
+            self._handles.append(block.ln_2.register_forward_pre_hook(self._capture(i)))
+            self._handles.append(block.ls_2.register_forward_hook(self._add(i)))
+        if self.hparams.grad_checkpointing:
+            backbone.model.visual.set_grad_checkpointing(True)
+        self.__dict__["_attached_to"] = backbone
+
+    def _capture(self, i: int):
+        def hook(module, args):
+            self._stream[i] = args[0]  # the residual stream after attention
+        return hook
+
+    def _add(self, i: int):
+        def hook(module, args, output):
+            if not self.adapters_enabled:
+                return output  # untouched: CLIP's own computation
+            return output + self.adapters[i](self._stream[i])
+        return hook
+
+    def use_backbone(self, backbone: FrozenCLIP) -> None:
+        super().use_backbone(backbone)
+        self._attach(backbone)
+
+    def on_fit_start(self) -> None:
+        self.encoder  # attach before DDP or the first step
+
+    # -- features -------------------------------------------------------------------------------------
+    @property
+    def train_transform(self):
+        """What the DataModule trains with: resize + centre crop, normalised unless clip_normalization=False."""
+        if self.hparams.clip_normalization:
+            return self.encoder.eval_transform
+        cfg = self.encoder.model.visual.preprocess_cfg
+        return T.Compose([T.Resize(cfg["size"][0], interpolation=T.InterpolationMode.BICUBIC),
+                          T.CenterCrop(cfg["size"]), T.Lambda(lambda im: im.convert("RGB")), T.ToTensor()])
+
+    def encode(self, images: torch.Tensor, adapted: bool = True, normalize: bool = True) -> torch.Tensor:
+        """Image embeddings through the adapted (or original) encoder; gradients reach the adapters."""
+        previous, self.adapters_enabled = self.adapters_enabled, adapted
+        try:
+            return self.encoder.model.encode_image(images, normalize=normalize).float()
+        finally:
+            self.adapters_enabled = previous
+
+    def image_features(self, batch: dict) -> torch.Tensor:
+        images = batch["image"]
+        if images.ndim == 5:
+            b, v = images.shape[:2]
+            return self.encode(images.flatten(0, 1)).view(b, v, -1)
+        return self.encode(images)
+
+    # -- training -------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self.classifier(self.encode(batch["image"], normalize=False))
+        if self.hparams.loss == "bce":
+            targets = batch.get("targets")
+            if targets is None:
+                raise ConfigError("loss: 'bce' needs multi-label shards (datamodules.openimages --label_policy multi)")
+            loss = F.binary_cross_entropy_with_logits(logits, targets.float())
+        else:
+            loss = F.cross_entropy(logits, batch["label"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
+        return loss
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        raise ConfigError("IMO classifies its training classes from images; use evaluate.py (TA/TA++) on features")
+
+    def _evaluate(self, batch: dict, metrics) -> dict:
+        raw = self.encode(batch["image"], normalize=False)
+        metrics.update(self.classifier(raw), batch["label"])
+        self.log_dict(metrics, on_epoch=True, batch_size=len(batch["label"]))
+        return {"original": self.encode(batch["image"], adapted=False), "adapted": F.normalize(raw, dim=-1),
+                "label": batch["label"]}
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """Original and adapted embeddings (views averaged unnormalised, then normalised)."""
+        images = batch["image"]
+        views = images.shape[1] if images.ndim == 5 else 1
+        flat = images.flatten(0, 1) if views > 1 else images
+        out = {}
+        for name, adapted in (("features", False), ("adapted", True)):
+            raw = self.encode(flat, adapted=adapted, normalize=False).view(len(batch["label"]), views, -1)
+            out[name] = F.normalize(raw.mean(1), dim=-1)
+        return {**out, "label": batch["label"], "key": batch.get("key"), "dataloader_idx": dataloader_idx}
+
+    def setup(self, stage: str) -> None:
+        # no zero-shot classifier: IMO's classes are the generic training set's
+        self._check_data(self.trainer.datamodule if self._trainer is not None else None)
