@@ -22,8 +22,7 @@ from torch import nn
 
 from adapters.base import AdapterModule, register_adapter
 from adapters.errors import ConfigError
-from adapters.heads import (CLIP_SCALE, CacheModel, FitData, Head, HeadSkipped, accuracy, first_best,
-                            mixing_accuracy, register_head)
+from adapters.heads import CLIP_SCALE, FitData, Head, HeadSkipped, TipAdapterHead, register_head
 from adapters.protocol import canonical_dataset
 from adapters.textsets import KINDS, EmbeddedTextSet
 
@@ -138,33 +137,27 @@ def minmax_affinity(affinity: torch.Tensor) -> torch.Tensor:
 
 
 @register_head
-class CoderAdapterHead(Head):
-    """Training-free CODER-Adapter: ``100 x W^T + alpha * exp(-beta (1 - minmax(phi(x) K^T))) L``."""
+class CoderAdapterHead(TipAdapterHead):
+    """Training-free CODER-Adapter: Tip-Adapter with CODER vectors as keys and queries and per-query
+    min-max normalised affinities: ``100 x W^T + alpha * exp(-beta (1 - minmax(phi(x) K^T))) L``.
+    Searched on val over the reference's 500 x 50 grid, then ``refinements`` rounds over
+    [0.5, 1.5] x the best."""
 
     name = "coder_adapter"
 
     def __init__(self, dataset: str | None = None, beta_max: float = 200.0, alpha_max: float = 20.0,
                  beta_steps: int = 500, alpha_steps: int = 50, refinements: int = 2, chunk: int = 20,
                  init_alpha: float = 1.0, init_beta: float = 1.0):
-        super().__init__(dataset)
-        self.beta_max, self.alpha_max, self.beta_steps, self.alpha_steps = beta_max, alpha_max, beta_steps, alpha_steps
-        self.refinements, self.chunk, self.init_alpha, self.init_beta = refinements, chunk, init_alpha, init_beta
+        super().__init__(dataset, beta_scale=beta_max, alpha_scale=alpha_max, beta_steps=beta_steps,
+                         alpha_steps=alpha_steps, chunk=chunk)
+        self.refinements, self.init_alpha, self.init_beta = refinements, init_alpha, init_beta
+
+    def _cache_keys(self, data: FitData) -> torch.Tensor:
+        return coder_features(data.train_x, self.text_embeddings)
 
     def _fit(self, data: FitData, keys: torch.Tensor | None = None) -> None:
-        ts = _text_set(data)
-        self.register_buffer("text_embeddings", ts.embeddings.float())
-        keys = coder_features(data.train_x, self.text_embeddings) if keys is None else keys
-        self.cache = CacheModel(keys, data.train_y, data.num_classes)
-        self.register_buffer("text", data.text)
-        if self.text is None:
-            self.notes.append("image-only: cache term")
-        self.alpha, self.beta = self.init_alpha, self.init_beta
-        if self._given is not None:
-            self.alpha, self.beta = float(self._given.get("alpha", 1.0)), float(self._given["beta"])
-        elif not self._skip_search(data, "alpha/beta"):
-            self.alpha, self.beta = self.search(data.val_x, data.val_y, data.val_text_x)
-        self.hparams = {"beta": round(self.beta, 4)} if self.text is None else \
-            {"alpha": round(self.alpha, 4), "beta": round(self.beta, 4)}
+        self.register_buffer("text_embeddings", _text_set(data).embeddings.float())
+        super()._fit(data, keys)
 
     def fit_keys(self, data: FitData, keys: torch.Tensor, hparams: dict | None = None) -> "CoderAdapterHead":
         """Fit with given (e.g. fine-tuned) CODER keys instead of the training features' own."""
@@ -176,27 +169,21 @@ class CoderAdapterHead(Head):
         return minmax_affinity(self.cache.affinity(coder_features(x, self.text_embeddings)))
 
     def search(self, val_x, val_y, val_text_x=None) -> tuple[float, float]:
-        """The reference's search: a 500 x 50 grid, then rounds over [0.5, 1.5] x the best, vectorised."""
-        affinity = self.affinity(val_x)
-        zs = None if self.text is None else self._zero_shot(val_x, val_text_x)
-        betas = 0.1 + torch.arange(self.beta_steps) * (self.beta_max - 0.1) / self.beta_steps
-        alphas = 0.1 + torch.arange(self.alpha_steps) * (self.alpha_max - 0.1) / self.alpha_steps
-        best = (1.0, float(betas[0]))
-        for _ in range(self.refinements + 1):
-            accs = []
-            for start in range(0, len(betas), self.chunk):
-                cache = self.cache.from_affinity(affinity, betas[start:start + self.chunk])
-                accs.append(accuracy(cache, val_y)[:, None] if zs is None else mixing_accuracy(zs, cache, val_y, alphas))
-            i, j = first_best(torch.cat(accs))
-            best = (1.0 if zs is None else float(alphas[j]), float(betas[i]))
-            betas = torch.linspace(0.5 * best[1], 1.5 * best[1], self.beta_steps)
-            alphas = torch.linspace(0.5 * best[0], 1.5 * best[0], self.alpha_steps)
+        """Tip-Adapter's vectorised search on this grid, then the reference's refinement rounds."""
+        self._refined = None
+        best = super().search(val_x, val_y, val_text_x)
+        for _ in range(self.refinements):
+            alpha, beta = best
+            self._refined = (torch.linspace(0.5 * beta, 1.5 * beta, self.beta_steps),
+                             torch.linspace(0.5 * alpha, 1.5 * alpha, self.alpha_steps))
+            best = super().search(val_x, val_y, val_text_x)
+        self._refined = None
         return best
 
-    def forward(self, x: torch.Tensor, text_x: torch.Tensor | None = None) -> torch.Tensor:
-        x = F.normalize(x.float(), dim=-1)
-        cache = self.cache.from_affinity(self.affinity(x), self.beta)
-        return cache if self.text is None else self._zero_shot(x, text_x) + self.alpha * cache
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Round 1: Tip-Adapter's formula on [0.1, max); refinement rounds: around the last best."""
+        refined = getattr(self, "_refined", None)
+        return refined if refined is not None else super().grid()
 
 
 @register_adapter

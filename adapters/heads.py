@@ -272,8 +272,16 @@ class TipAdapterHead(Head):
         alphas = 0.1 + torch.arange(self.alpha_steps) * (self.alpha_scale - 0.1) / self.alpha_steps
         return betas, alphas
 
-    def _fit(self, data: FitData) -> None:
-        self.cache = CacheModel(data.train_x, data.train_y, data.num_classes)
+    def _cache_keys(self, data: FitData) -> torch.Tensor:
+        """The cache keys: the few-shot features (CODER-Adapter: their CODER vectors)."""
+        return data.train_x
+
+    def affinity(self, x: torch.Tensor) -> torch.Tensor:
+        """Query-key affinities in [-1, 1] (CODER-Adapter: min-max normalised)."""
+        return self.cache.affinity(x)
+
+    def _fit(self, data: FitData, keys: torch.Tensor | None = None) -> None:
+        self.cache = CacheModel(self._cache_keys(data) if keys is None else keys, data.train_y, data.num_classes)
         self.register_buffer("text", data.text)
         self.alpha, self.beta = self.init_alpha, self.init_beta
         if self.text is None:
@@ -293,7 +301,7 @@ class TipAdapterHead(Head):
         each chunk scores all alphas at once (`mixing_accuracy`). Returns (alpha, beta).
         """
         betas, alphas = self.grid()
-        affinity = self.cache.affinity(val_x)
+        affinity = self.affinity(val_x)
         zs = None if self.text is None else self._zero_shot(val_x, val_text_x)
         buffer = torch.empty((min(self.chunk, len(betas)),) + affinity.shape, dtype=affinity.dtype)
         accs = []
@@ -305,7 +313,7 @@ class TipAdapterHead(Head):
 
     def forward(self, x: torch.Tensor, text_x: torch.Tensor | None = None) -> torch.Tensor:
         x = F.normalize(x.float(), dim=-1)
-        cache = self.cache(x, self.beta)
+        cache = self.cache.from_affinity(self.affinity(x), self.beta)
         if self.text is None:
             return cache
         return self._zero_shot(x, text_x) + self.alpha * cache

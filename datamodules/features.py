@@ -404,7 +404,24 @@ class _ResumableLoader(torch.utils.data.DataLoader):
             self.sampler.skip_epoch, self.sampler.skip = state["epoch"], state["batches"] * self.batch_size
 
 
-class FeatureDataModule(L.LightningDataModule):
+class ResumableTrainLoader:
+    """DataModule mixin: a checkpoint's train-loader state, handed over by `AdapterModule.on_load_checkpoint`
+    (Lightning itself skips it when the loader was built before the checkpoint was read), is applied to
+    the next train loader built."""
+
+    _pending_loader_state: dict | None = None
+
+    def restore_loader_state(self, state: dict) -> None:
+        self._pending_loader_state = state
+
+    def _resume_loader(self, loader):
+        if self._pending_loader_state:
+            loader.load_state_dict(self._pending_loader_state)
+            self._pending_loader_state = None
+        return loader
+
+
+class FeatureDataModule(ResumableTrainLoader, L.LightningDataModule):
     """Cached CLIP features from a feature file, for training adapters in seconds.
 
     Args:
@@ -428,7 +445,6 @@ class FeatureDataModule(L.LightningDataModule):
         self.val_split = val_split if val_split and self.file.has_split(val_split) else None
         self.test_split = test_split if test_split and self.file.has_split(test_split) else None
         self.train, self.train_description = self.file.train_split(shots, fewshot_seed)
-        self._pending_loader_state: dict | None = None
 
     # -- what models link to ----------------------------------------------------------------------------
     @property
@@ -476,15 +492,7 @@ class FeatureDataModule(L.LightningDataModule):
         return loader
 
     def train_dataloader(self):
-        loader = self._loader(self.train, train=True)
-        if self._pending_loader_state:
-            loader.load_state_dict(self._pending_loader_state)
-            self._pending_loader_state = None
-        return loader
-
-    def restore_loader_state(self, state: dict) -> None:
-        """Apply a checkpoint's train-loader state to the next train loader built (mid-epoch resume)."""
-        self._pending_loader_state = state
+        return self._resume_loader(self._loader(self.train, train=True))
 
     def val_dataloader(self):
         return [] if self.val_split is None else self._loader(self.file.split(self.val_split), train=False)

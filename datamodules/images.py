@@ -46,7 +46,7 @@ from torch.utils.data import get_worker_info
 
 from adapters.errors import ConfigError, UserError
 from adapters.protocol import few_shot_indices
-from datamodules.features import Split
+from datamodules.features import ResumableTrainLoader, Split
 from datamodules.shards import IMAGE_KEYS, ShardSplit, load_split, read_manifest
 
 log = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ class ShardLoader:
             self.datamodule.load_loader_state(state, self.length)
 
 
-class ImageShardDataModule(L.LightningDataModule):
+class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
     """Stream labelled images from webdataset shards (written by ``python -m datamodules.shards``).
 
     Args:
@@ -287,7 +287,6 @@ class ImageShardDataModule(L.LightningDataModule):
         self.train_transform: Callable | None = None
         self.eval_transform: Callable | None = None
         self._shared = None
-        self._pending_loader_state: dict | None = None
 
     # -- shared state: created per process (multiprocessing values do not pickle into spawned ranks) --
     @property
@@ -403,15 +402,7 @@ class ImageShardDataModule(L.LightningDataModule):
         transform = self.train_transform if self.augment else self.eval_transform
         pipeline = self._pipeline(split, urls, train=True, keys=keys, transform=transform, views=1, batches=per_worker)
         loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=self.num_workers)
-        loader = ShardLoader(loader.with_length(per_worker * workers), per_worker * workers, self)
-        if self._pending_loader_state:
-            loader.load_state_dict(self._pending_loader_state)
-            self._pending_loader_state = None
-        return loader
-
-    def restore_loader_state(self, state: dict) -> None:
-        """Apply a checkpoint's train-loader state to the next train loader built (mid-epoch resume)."""
-        self._pending_loader_state = state
+        return self._resume_loader(ShardLoader(loader.with_length(per_worker * workers), per_worker * workers, self))
 
     def _eval_loader(self, split_name: str, views: int = 1, distributed: bool = True) -> ShardLoader:
         """Every sample of a split once, in shard order, with partial batches (split by rank unless
