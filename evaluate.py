@@ -97,6 +97,7 @@ def evaluate_file(path: str, heads: Sequence[str], shots: Sequence[int], seeds: 
     (the zero-shot term of a head still uses the original features, as TA++ does).
     """
     ff = FeatureFile(path)
+    ff.verify()
     for adapter, adapter_path in zip(adapters, adapter_paths):
         _check_adapter(adapter, ff, adapter_path)
     text = ff.text_features
@@ -149,7 +150,8 @@ def evaluate_file(path: str, heads: Sequence[str], shots: Sequence[int], seeds: 
                     if eval_split == "val":
                         notes.append("no test split: scored on val")
                     if name == "tip" and view["name"]:
-                        notes.append("TA++: cache on adapted features, zero-shot term on the original ones")
+                        ta = "TA++: " if view["source"] == "adapted features in the file" else ""
+                        notes.append(f"{ta}cache on adapted features, zero-shot term on the original ones")
                     metrics = score(logits, evaluation.labels)
                     records.append({**record, "hyperparameters": head.hparams, "notes": notes, "metrics": metrics})
     return records

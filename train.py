@@ -21,17 +21,19 @@ Exit status 2 with a one-line message for bad configuration or input.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from adapters import register_builtin_methods
 from adapters.base import AdapterModule
-from adapters.errors import UserError
+from adapters.errors import ConfigError, UserError
 from callbacks.export import AdapterExport
 from callbacks.progress_log import ProgressLog
 
@@ -62,6 +64,9 @@ class AdapterCLI(LightningCLI):
                                ("data.dim", "model.init_args.embed_dim"),
                                ("data.dataset_name", "model.init_args.dataset")]:
             parser.link_arguments(source, target, apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        check_run_dir(Path(self._get(self.config, "run_dir")))
 
     def instantiate_trainer(self, **kwargs):
         run_dir = Path(self._get(self.config, "run_dir"))
@@ -103,7 +108,10 @@ def main(args: list[str] | None = None) -> int:
     try:
         AdapterCLI(AdapterModule, subclass_mode_model=True, subclass_mode_data=True,
                    save_config_callback=RunDirConfig, seed_everything_default=0, args=args,
-                   parser_kwargs={"default_env": True})
+                   parser_kwargs={"default_env": True, "exit_on_error": False})
+    except ArgumentError as e:  # a bad option or config value: one line, like every other input error
+        print(f"train.py: error: {_one_line(str(e))} (see --help)", file=sys.stderr)
+        return 2
     except Exception as e:  # noqa: BLE001 - jsonargparse wraps errors raised while instantiating classes
         user_error = _user_error(e)
         if user_error is None:
@@ -111,6 +119,24 @@ def main(args: list[str] | None = None) -> int:
         print(f"train.py: error: {user_error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _one_line(message: str, limit: int = 400) -> str:
+    text = " ".join(message.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """The run directory must be (or become) a writable directory: fail before any work is done."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir: {run_dir} exists and is not a directory")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"run_dir: cannot write to {run_dir} ({e.strerror})") from None
 
 
 def _user_error(exc: BaseException | None) -> UserError | None:

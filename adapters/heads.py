@@ -319,13 +319,30 @@ class TipAdapterHead(Head):
         return self._zero_shot(x, text_x) + self.alpha * cache
 
 
-def ks_precision(x: torch.Tensor, y: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+def ks_precision(x: torch.Tensor, y: torch.Tensor, means: torch.Tensor) -> torch.Tensor | None:
     """Kubokawa-Srivastava ridge-type precision of the pooled within-class covariance (GDA Eq. 4):
-    ``D * ((N - 1) S + tr(S) I)^-1`` with S the unbiased covariance of the class-centred features."""
+    ``D * ((N - 1) S + tr(S) I)^-1`` with S the unbiased covariance of the class-centred features.
+
+    None when the within-class scatter is zero (one sample per class, e.g. 1-shot with view-averaged
+    features): the estimator is undefined there.
+    """
     centered = x - means[y]
     cov = torch.cov(centered.T.double())
     n, d = x.shape
+    if not torch.isfinite(cov).all() or float(torch.trace(cov)) <= 1e-12:
+        return None
     return (d * torch.linalg.pinv((n - 1) * cov + torch.trace(cov) * torch.eye(d, dtype=cov.dtype))).float()
+
+
+def gaussian_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(weight [C, D], bias [C], degenerate) of the shared-covariance Gaussian (LDA) rule with the KS
+    precision; with no within-class scatter the precision is the identity (nearest class mean)."""
+    means = class_means(x, y, num_classes)
+    precision = ks_precision(x, y, means)
+    degenerate = precision is None
+    weight = means if degenerate else means @ precision
+    bias = math.log(1.0 / num_classes) - 0.5 * (weight * means).sum(-1)
+    return weight, bias, degenerate
 
 
 @register_head
@@ -346,10 +363,9 @@ class GDAHead(Head):
         self.alphas = tuple(alphas)
 
     def _fit(self, data: FitData) -> None:
-        means = class_means(data.train_x, data.train_y, data.num_classes)
-        precision = ks_precision(data.train_x, data.train_y, means)
-        weight = means @ precision
-        bias = math.log(1.0 / data.num_classes) - 0.5 * (weight * means).sum(-1)
+        weight, bias, degenerate = gaussian_classifier(data.train_x, data.train_y, data.num_classes)
+        if degenerate:
+            self.notes.append("one sample per class: no covariance, identity used (nearest class mean)")
         self.register_buffer("weight", weight)
         self.register_buffer("bias", bias)
         self.register_buffer("text", data.text)
@@ -470,10 +486,11 @@ class MixingHead(Head):
 
     def _fit(self, data: FitData) -> None:
         means = class_means(data.train_x, data.train_y, data.num_classes)
-        precision = ks_precision(data.train_x, data.train_y, means)
-        weight = means @ precision
+        weight, bias, degenerate = gaussian_classifier(data.train_x, data.train_y, data.num_classes)
+        if degenerate:
+            self.notes.append("one sample per class: LDA term uses the identity covariance")
         self.register_buffer("weight", weight)
-        self.register_buffer("bias", math.log(1.0 / data.num_classes) - 0.5 * (weight * means).sum(-1))
+        self.register_buffer("bias", bias)
         self.register_buffer("text", data.text)
         self._prototypes = F.normalize(means, dim=-1)
         text = data.text - data.text.mean(0) if self.center_text else data.text

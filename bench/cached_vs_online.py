@@ -69,6 +69,7 @@ def main() -> dict:
     p.add_argument("--model", default="ViT-B-32")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--shots", type=int, default=16)
+    p.add_argument("--json", help="also write the result here")
     args = p.parse_args()
     L.seed_everything(0)
     with warnings.catch_warnings():
@@ -102,6 +103,8 @@ def main() -> dict:
            "cached_s_per_epoch": round(cached_s, 4), "cached_samples_per_epoch": min(cached_n, len(train)),
            "ratio": round(ratio, 1), "command": "python bench/cached_vs_online.py"}
     print(json.dumps(out, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
     return out
 
 

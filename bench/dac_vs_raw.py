@@ -10,6 +10,7 @@ Prints a markdown table.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
@@ -26,7 +27,10 @@ DATA = ROOT.parent / "shared/data/clip-vit-b32-features"
 DATASETS = ("caltech101", "oxford_flowers", "fgvc")
 
 
-def main() -> list[dict]:
+def main() -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", help="also write the result here")
+    args = p.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in DATASETS:
@@ -43,14 +47,18 @@ def main() -> list[dict]:
             adapted_overlap = intra_modal_overlap(adapter.adapt(test.features.float()).detach(), test.labels)[0]
             rows.append({"dataset": name, **{k: round(v, 2) for k, v in acc.items()},
                          "overlap_raw": round(raw_overlap, 3), "overlap_dac": round(adapted_overlap, 3)})
-    print(json.dumps(rows, indent=1))
-    print("\n| dataset | prototype raw / DAC | Tip cache raw / DAC | GDA raw / DAC | DAC's own head | overlap raw / DAC |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    table = ["| dataset | prototype raw / DAC | Tip cache raw / DAC | GDA raw / DAC | DAC's own head | overlap raw / DAC |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        print(f"| {r['dataset']} | {r['prototype']:.2f} / {r['prototype+dac']:.2f} | {r['tip']:.2f} / {r['tip+dac']:.2f} "
-              f"| {r['gda']:.2f} / {r['gda+dac']:.2f} | {r['dac (adapter)']:.2f} "
-              f"| {r['overlap_raw']:.3f} / {r['overlap_dac']:.3f} |")
-    return rows
+        table.append(f"| {r['dataset']} | {r['prototype']:.2f} / {r['prototype+dac']:.2f} | {r['tip']:.2f} / "
+                     f"{r['tip+dac']:.2f} | {r['gda']:.2f} / {r['gda+dac']:.2f} | {r['dac (adapter)']:.2f} "
+                     f"| {r['overlap_raw']:.3f} / {r['overlap_dac']:.3f} |")
+    out = {"name": "DAC-adapted vs raw features, 16-shot, image-only", "rows": rows, "table": "\n".join(table),
+           "command": "python bench/dac_vs_raw.py"}
+    print(out["table"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return out
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ def main() -> dict:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="also write the result here")
     args = p.parse_args()
     files = sorted(Path(args.images_dir).glob("*.JPEG"))[: args.images]
     if not files:
@@ -84,6 +85,8 @@ def main() -> dict:
            "images_per_s_per_worker": round(full / max(1, args.workers), 1),
            "ratio": round(full / bare, 3), "command": "python bench/extract_throughput.py"}
     print(json.dumps(out, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
     return out
 
 

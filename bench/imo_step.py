@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 import time
 import warnings
 
@@ -44,6 +45,7 @@ def main() -> dict:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--steps", type=int, default=6, help="timed steps (after one warm-up step)")
     p.add_argument("--precision", default="32-true")
+    p.add_argument("--json", help="also write the result here")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     size = 224
@@ -93,6 +95,8 @@ def main() -> dict:
     if memory is not None:
         out["peak_gpu_memory_gib_plain"] = round(memory, 2)
     print(json.dumps(out, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
     return out
 
 

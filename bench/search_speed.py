@@ -43,6 +43,7 @@ def main() -> dict:
     p.add_argument("--features", default=str(DEFAULT_FILE))
     p.add_argument("--loop_betas", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", help="also write the result here")
     args = p.parse_args()
     ff = FeatureFile(args.features)
     train, _ = ff.train_split(16)
@@ -57,16 +58,18 @@ def main() -> dict:
     betas, alphas = head.grid()
     part = _timed(lambda: looped_search(head, data, betas[: args.loop_betas], alphas))
     looped = part * len(betas) / args.loop_betas
-    result = {
+    out = {
         "name": "alpha/beta search, 200x20 grid, caltech101 16-shot val",
         "vectorised_s": round(vec, 3), "looped_s_extrapolated": round(looped, 2),
         "ratio": round(looped / vec, 1), "command": "python bench/search_speed.py",
     }
-    print(json.dumps(result, indent=2))
+    print(json.dumps(out, indent=2))
     print(f"vectorised search: {vec:.3f} s for {len(betas) * len(alphas)} points; "
           f"reference double loop: {looped:.1f} s (timed on {args.loop_betas * len(alphas)} points, scaled) "
           f"-> {looped / vec:.0f}x faster")
-    return result
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return out
 
 
 def _timed(fn) -> float:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -142,7 +143,9 @@ class FeatureFile:
         for part in parts:
             if not part.is_file():
                 raise FeatureFileError(f"{part}: part file listed in {manifest_path} is missing")
-            tensors, _ = _mmap_tensors(part)
+            part_file = FeatureFile(part)
+            part_file.verify()
+            tensors = part_file._tensors
             for k, v in tensors.items():
                 pieces.setdefault(k, []).append(v)
         # Text features and other extras come from the first part that has them; splits are concatenated
@@ -223,6 +226,25 @@ class FeatureFile:
     def has_split(self, split: str) -> bool:
         return FEATURES.format(split) in self._tensors
 
+    def verify(self, splits: Sequence[str] | None = None, chunk_rows: int = 65536) -> None:
+        """Check the data, not just the header: every tensor against the CRC32 the writer recorded (files
+        written by this project), and the features of ``splits`` (default: all) for NaN/inf. Reads the
+        data once, in chunks; raises `FeatureFileError` naming the file and key."""
+        if self.path.is_dir():
+            return  # parts are verified one by one
+        recorded = json.loads(self.metadata.get("crc32", "{}"))
+        for key, expected in recorded.items():
+            if key in self._tensors and _crc32(self._tensors[key]) != expected:
+                raise FeatureFileError(f"{self.path}: '{key}' fails its checksum (corrupt or modified file)")
+        for split in splits if splits is not None else self.splits:
+            feats = self.features(split)
+            for start in range(0, len(feats), chunk_rows):
+                if not torch.isfinite(feats[start:start + chunk_rows].float()).all():
+                    raise FeatureFileError(f"{self.path}: '{FEATURES.format(split)}' has NaN or infinite values")
+            labels = self.labels(split)
+            if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+                raise FeatureFileError(f"{self.path}: '{LABELS.format(split)}' has labels outside 0..{self.num_classes - 1}")
+
     @property
     def extras(self) -> dict[str, torch.Tensor]:
         """Tensors beyond splits and the text classifier (``coder.*`` text set, ``isoclip.*`` projectors)."""
@@ -289,6 +311,10 @@ class FeatureFile:
         return full.subset(idx, f"train_{shots}shot_seed{seed}"), f"train, {shots} per class, seed {seed}"
 
 
+def _crc32(tensor: torch.Tensor) -> int:
+    return zlib.crc32(tensor.contiguous().view(torch.uint8).numpy().tobytes()) if tensor.numel() else 0
+
+
 def encode_keys(keys: Sequence[str]) -> torch.Tensor:
     """Sample keys as a zero-padded uint8 matrix [N, L] (safetensors stores no strings)."""
     raw = [k.encode() for k in keys]
@@ -350,6 +376,8 @@ def write_feature_file(
     if len(dims) != 1:
         raise FeatureFileError(f"{path}: dimension mismatch between splits/text: {sorted(dims)}")
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    # per-tensor CRC32s: `FeatureFile.verify` detects bit rot and truncation that still parse
+    meta["crc32"] = json.dumps({k: _crc32(v) for k, v in tensors.items()})
     meta.setdefault("dim", str(dims.pop()))
     meta.setdefault("normalized", "l2")
     if class_names is not None:
@@ -440,6 +468,9 @@ class FeatureDataModule(ResumableTrainLoader, L.LightningDataModule):
                  test_split: str | None = "test"):
         super().__init__()
         self.file = FeatureFile(path)
+        self.file.verify([s for s in (val_split, test_split) if s and self.file.has_split(s)] +
+                         ([f"train_{shots}shot"] if shots and self.file.has_split(f"train_{shots}shot") else
+                          ["train"] if self.file.has_split("train") else []))
         self.shots, self.fewshot_seed, self.seed = shots, fewshot_seed, seed
         self.batch_size, self.num_workers = batch_size, num_workers
         self.val_split = val_split if val_split and self.file.has_split(val_split) else None

@@ -129,9 +129,9 @@ class EpochPipeline(wds.DataPipeline):
     (logical) worker first drops the samples of the batches it had produced and yields only the rest.
     """
 
-    def __init__(self, *stages, batches: int, batch_size: int, token: _SkipToken, shared: dict):
+    def __init__(self, *stages, batches: int, batch_size: int, token: _SkipToken, shared: dict, rank: int = 0):
         super().__init__(*stages)
-        self.batches, self.batch_size, self.token, self.shared = batches, batch_size, token, shared
+        self.batches, self.batch_size, self.token, self.shared, self.rank = batches, batch_size, token, shared, rank
 
     def _skipped_batches(self) -> int:
         if self.shared["skip_epoch"].value != self.shared["epoch"].value:
@@ -143,7 +143,20 @@ class EpochPipeline(wds.DataPipeline):
         skipped = self._skipped_batches()
         self.token.value = skipped * self.batch_size
         self.repetitions = sys.maxsize
-        return islice(self.iterator(), max(0, self.batches - skipped))
+        return self._exactly(max(0, self.batches - skipped))
+
+    def _exactly(self, n: int):
+        """Yield exactly ``n`` batches. A reader whose shards ran dry (all corrupt or empty) stops the run
+        with an error: yielding fewer batches than the other ranks would leave them waiting forever."""
+        count = 0
+        for batch in islice(self.iterator(), n):
+            count += 1
+            yield batch
+        if count < n:
+            worker, workers = logical_worker(self.shared)
+            raise CorruptDataError(f"rank {self.rank} worker {worker}/{workers}: its shards gave {count} of the {n} "
+                                   "batches every "
+                                   "reader must yield (corrupt or empty shards); stopping instead of hanging DDP")
 
 
 def select_keys(src, keys: frozenset):
@@ -265,13 +278,16 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
         views: augmented views per image in prediction (averaged by the extractor: the Tip-Adapter cache
             recipe); 1 means the eval transform.
         on_corrupt: ``"skip"`` (count, warn, continue) or ``"raise"`` (fail on the first one).
+        verify_shards: check every shard against the CRC32 in the manifest at setup (reads the shards
+            once): a corrupt shard is then skipped (counted) or an error, per ``on_corrupt``. Catches bit
+            flips inside images, which otherwise may still decode.
     """
 
     def __init__(self, shards: str, train_split: str | None = "train", val_split: str | None = None,
                  test_split: str | None = None, predict_splits: Sequence[str] = ("train",), batch_size: int = 64,
                  num_workers: int = 2, shots: int | None = None, fewshot_seed: int = 1, seed: int = 0,
                  shuffle_buffer: int = 1000, augment: bool = True, views: int = 1,
-                 on_corrupt: Literal["skip", "raise"] = "skip"):
+                 on_corrupt: Literal["skip", "raise"] = "skip", verify_shards: bool = False):
         super().__init__()
         if on_corrupt not in ("skip", "raise"):
             raise ConfigError(f"on_corrupt: must be 'skip' or 'raise', got {on_corrupt!r}")
@@ -282,6 +298,8 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
         self.batch_size, self.num_workers, self.shots, self.fewshot_seed = batch_size, num_workers, shots, fewshot_seed
         self.seed, self.shuffle_buffer, self.augment, self.views, self.on_corrupt = \
             seed, shuffle_buffer, augment, views, on_corrupt
+        self.verify_shards = verify_shards
+        self._bad_shards: set[str] | None = None
         self.class_names: list[str] = load_split(shards, (train_split or self.predict_splits[0]))[1]
         self.dataset_name: str | None = read_manifest(shards).get("dataset")
         self.train_transform: Callable | None = None
@@ -331,6 +349,28 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
                                 backbone.eval_transform)
 
     # -- few-shot selection ---------------------------------------------------------------------------
+    def _split(self, name: str) -> ShardSplit:
+        """The manifest entry of split ``name``, without the shards that fail verification."""
+        split, _ = load_split(self.shards, name)
+        if not self.verify_shards:
+            return split
+        from datamodules.shards import file_crc32
+
+        good = []
+        for shard in split.shards:
+            path = split.root / shard["name"]
+            if "crc32" in shard and (not path.is_file() or file_crc32(path) != shard["crc32"]):
+                message = f"{path}: shard fails its manifest checksum (corrupt or modified)"
+                if self.on_corrupt == "raise":
+                    raise CorruptDataError(message)
+                log.warning("skipping %s", message)
+                with self.shared["corrupt"].get_lock():
+                    self.shared["corrupt"].value += 1
+                continue
+            good.append(shard)
+        split.shards = good
+        return split
+
     def _selection(self, split: ShardSplit) -> tuple[list[str], list[int], frozenset | None]:
         """(urls, sample count per url, selected keys or None) for ``split``."""
         if not self.shots or split.name != self.train_split:
@@ -383,7 +423,8 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
                            handler=handler),
                    wds.batched(self.batch_size, collation_fn=collate, partial=not train)]
         if train:
-            return EpochPipeline(*stages, batches=batches, batch_size=self.batch_size, token=token, shared=shared)
+            return EpochPipeline(*stages, batches=batches, batch_size=self.batch_size, token=token, shared=shared,
+                                 rank=rank)
         return wds.DataPipeline(*stages)
 
     def _eval_length(self, counts: Sequence[int], rank: int, world: int, workers: int) -> int:
@@ -392,7 +433,7 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
         return sum(-(-sum(mine[w::workers]) // self.batch_size) for w in range(workers))
 
     def train_dataloader(self) -> ShardLoader:
-        split, _ = load_split(self.shards, self.train_split)
+        split = self._split(self.train_split)
         urls, counts, keys = self._selection(split)
         rank, world = self._rank_world()
         workers = max(1, self.num_workers)
@@ -407,7 +448,7 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
     def _eval_loader(self, split_name: str, views: int = 1, distributed: bool = True) -> ShardLoader:
         """Every sample of a split once, in shard order, with partial batches (split by rank unless
         ``distributed=False``). With ``views > 1`` each sample carries that many augmented views."""
-        split, _ = load_split(self.shards, split_name)
+        split = self._split(split_name)
         urls, counts, keys = self._selection(split) if split_name == self.train_split else \
             (split.urls, [s["count"] for s in split.shards], None)
         rank, world = self._rank_world() if distributed else (0, 1)

@@ -137,3 +137,11 @@ def test_searches_do_not_touch_test_data_and_default_without_val():
     assert (head.alpha, head.beta) == (3, 1.0)
     assert any("no val split" in n for n in head.notes)
     assert not math.isnan(head(data.train_x).sum().item())
+
+
+def test_gda_with_one_sample_per_class_falls_back_to_nearest_class_mean():
+    data = _toy(n_per_class=1, text=False)
+    gda = build_head("gda").fit(data)
+    assert any("one sample per class" in n for n in gda.notes)
+    prototype = build_head("prototype").fit(data)
+    assert torch.equal(gda(data.val_x).argmax(-1), prototype(data.val_x).argmax(-1))  # unit-norm means
