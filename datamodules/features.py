@@ -192,6 +192,11 @@ class FeatureFile:
             dims.add(text.shape[-1])
         if "dim" in self.metadata and self.metadata["dim"].isdigit():
             dims.add(int(self.metadata["dim"]))
+        # parse the structured metadata once, here: a damaged field is an error naming the file
+        self._class_names = self._json_field("class_names", list)
+        self._crc32 = self._json_field("crc32", dict) or {}
+        if "num_classes" in self.metadata and not self.metadata["num_classes"].isdigit():
+            raise FeatureFileError(f"{self.path}: metadata 'num_classes' is not a number")
         if len(dims) > 1:
             raise FeatureFileError(f"{self.path}: dimension mismatch between splits/text/metadata: {sorted(dims)}")
         self.dim = dims.pop()
@@ -213,10 +218,21 @@ class FeatureFile:
             return len(self.text_features)
         return int(max(int(self._tensors[LABELS.format(s)].max()) for s in self.splits if len(self.labels(s))) + 1)
 
+    def _json_field(self, key: str, kind: type):
+        raw = self.metadata.get(key)
+        if not raw:
+            return None
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            raise FeatureFileError(f"{self.path}: metadata '{key}' is not valid JSON (corrupt file)") from None
+        if not isinstance(value, kind):
+            raise FeatureFileError(f"{self.path}: metadata '{key}' is not a {kind.__name__}")
+        return value
+
     @property
     def class_names(self) -> list[str] | None:
-        raw = self.metadata.get("class_names")
-        return json.loads(raw) if raw else None
+        return self._class_names
 
     @property
     def text_features(self) -> torch.Tensor | None:
@@ -232,8 +248,9 @@ class FeatureFile:
         data once, in chunks; raises `FeatureFileError` naming the file and key."""
         if self.path.is_dir():
             return  # parts are verified one by one
-        recorded = json.loads(self.metadata.get("crc32", "{}"))
-        for key, expected in recorded.items():
+        if self.metadata.get("format") == MANIFEST_FORMAT and set(self._crc32) != set(self._tensors):
+            raise FeatureFileError(f"{self.path}: checksum record missing or incomplete (corrupt file)")
+        for key, expected in self._crc32.items():
             if key in self._tensors and _crc32(self._tensors[key]) != expected:
                 raise FeatureFileError(f"{self.path}: '{key}' fails its checksum (corrupt or modified file)")
         for split in splits if splits is not None else self.splits:
@@ -312,7 +329,9 @@ class FeatureFile:
 
 
 def _crc32(tensor: torch.Tensor) -> int:
-    return zlib.crc32(tensor.contiguous().view(torch.uint8).numpy().tobytes()) if tensor.numel() else 0
+    """CRC32 of a tensor's dtype, shape and bytes (a header flip that reinterprets the bytes also fails)."""
+    head = zlib.crc32(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+    return zlib.crc32(tensor.contiguous().view(torch.uint8).numpy().tobytes(), head) if tensor.numel() else head
 
 
 def encode_keys(keys: Sequence[str]) -> torch.Tensor:
@@ -376,7 +395,9 @@ def write_feature_file(
     if len(dims) != 1:
         raise FeatureFileError(f"{path}: dimension mismatch between splits/text: {sorted(dims)}")
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    # per-tensor CRC32s: `FeatureFile.verify` detects bit rot and truncation that still parse
+    # per-tensor CRC32s (of dtype, shape and bytes): `FeatureFile.verify` detects bit rot and truncation
+    # that still parse; the format marker says the record must be there
+    meta["format"] = MANIFEST_FORMAT
     meta["crc32"] = json.dumps({k: _crc32(v) for k, v in tensors.items()})
     meta.setdefault("dim", str(dims.pop()))
     meta.setdefault("normalized", "l2")

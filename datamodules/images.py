@@ -34,6 +34,7 @@ import logging
 import multiprocessing as mp
 import random
 import sys
+import zlib
 from functools import partial
 from itertools import islice
 from typing import Callable, Literal, Sequence
@@ -193,8 +194,13 @@ def _describe(exn: Exception) -> str:
 
 
 def decode_sample(sample: dict, transform: Callable, views: int, num_classes: int, label: str,
-                  class_index: dict | None) -> dict:
-    """Image bytes -> transformed tensor(s), label -> int; errors name the shard and sample key."""
+                  class_index: dict | None, augment_seed: int | None = None, shared: dict | None = None) -> dict:
+    """Image bytes -> transformed tensor(s), label -> int; errors name the shard and sample key.
+
+    With ``augment_seed``, the random augmentation of a sample is seeded by (seed, epoch, sample key) in a
+    forked RNG: it no longer depends on which worker decodes it or on what that worker decoded before,
+    so a resumed epoch and a re-sharded extraction see the same augmented views.
+    """
     where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
     data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if data is None:
@@ -222,7 +228,13 @@ def decode_sample(sample: dict, transform: Callable, views: int, num_classes: in
         raise CorruptDataError(f"{where}: bad label ({e})") from None
     if not 0 <= y < num_classes:
         raise CorruptDataError(f"{where}: label {y} outside 0..{num_classes - 1}")
-    pixels = torch.stack([transform(image) for _ in range(views)]) if views > 1 else transform(image)
+    if augment_seed is None:
+        pixels = torch.stack([transform(image) for _ in range(views)]) if views > 1 else transform(image)
+    else:
+        epoch = shared["epoch"].value if shared is not None else 0
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(zlib.crc32(f"{augment_seed}-{epoch}-{sample['__key__']}".encode()))
+            pixels = torch.stack([transform(image) for _ in range(views)]) if views > 1 else transform(image)
     out = {"image": pixels, "label": y, "key": sample["__key__"]}
     if targets is not None:
         out["targets"] = targets
@@ -419,7 +431,8 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
             stages += [partial(seeded_shuffle, bufsize=self.shuffle_buffer, seed=self.seed, shared=shared, rank=rank),
                        partial(skip_samples, token=token)]
         stages += [wds.map(partial(decode_sample, transform=transform, views=views, num_classes=self.num_classes,
-                                   label=split.label, class_index={c: i for i, c in enumerate(self.class_names)}),
+                                   label=split.label, class_index={c: i for i, c in enumerate(self.class_names)},
+                                   augment_seed=self.seed, shared=shared if train else None),
                            handler=handler),
                    wds.batched(self.batch_size, collation_fn=collate, partial=not train)]
         if train:
