@@ -10,8 +10,8 @@ What every method gets from the base:
 * validation/test metrics (torchmetrics top-1, top-5, mean per-class recall);
 * `adapter_state_dict`, `export` and `load_adapter`: the peft-style ``adapter_config.json`` +
   ``adapter_model.safetensors`` directory, written atomically;
-* exact resume: RNG states are checkpointed and restored after the data loader restarts, and the
-  data order is a function of (seed, epoch, rank, step).
+* exact resume: the data order and the training randomness are functions of (seed, epoch, rank,
+  step), and the loader position is in the checkpoint.
 
 A method subclasses `AdapterModule`, sets ``method``, defines its modules in ``__init__`` and
 implements `training_loss` and `logits` (and optionally `adapt` and `finalize`), then registers with
@@ -20,8 +20,10 @@ implements `training_loss` and `logits` (and optionally `adapt` and `finalize`),
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
+import zlib
 import warnings
 from pathlib import Path
 from typing import Any, ClassVar
@@ -96,7 +98,6 @@ class AdapterModule(L.LightningModule):
         self.val_metrics = classification_metrics(num_classes, prefix="val/")
         self.test_metrics = classification_metrics(num_classes, prefix="test/")
         self.register_buffer("text_features", torch.zeros(0, self.embed_dim))
-        self._rng_to_restore: dict | None = None
 
     # -- the frozen backbone --------------------------------------------------------------------------
     @property
@@ -258,17 +259,9 @@ class AdapterModule(L.LightningModule):
 
     # -- exact resume ---------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # tensors and plain lists only: checkpoints must load with torch.load(weights_only=True)
-        version, mt, gauss = random.getstate()
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": [version, list(mt), gauss],
-                                    "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
         checkpoint["adapter_extra"] = self.export_config()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # Restored at the first training batch, i.e. after the data loader has restarted (which draws a
-        # seed from the global RNG): the step that follows sees the state the interrupted run had.
-        self._rng_to_restore = checkpoint.get("rng_states")
         if checkpoint.get("adapter_extra"):
             self.load_export_config(checkpoint["adapter_extra"])
         # Lightning restores a stateful train loader only if it builds it after the checkpoint is read;
@@ -280,13 +273,14 @@ class AdapterModule(L.LightningModule):
             dm.restore_loader_state(loader_states[0])
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self._rng_to_restore is not None:
-            states, self._rng_to_restore = self._rng_to_restore, None
-            torch.set_rng_state(states["torch"])
-            version, mt, gauss = states["python"]
-            random.setstate((version, tuple(mt), gauss))
-            kind, keys, pos, has_gauss, cached = states["numpy"]
-            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        # Training randomness (dropout, feature noise) is a function of (seed, rank, epoch, batch), not of
+        # everything that drew from the global RNG before (validation, loader start-up): a resumed run
+        # draws exactly what the uninterrupted run drew at the same step, with no RNG state to restore.
+        seed = zlib.crc32(f"{os.environ.get('PL_GLOBAL_SEED', 0)}-{self.global_rank}-{self.current_epoch}-{batch_idx}"
+                          .encode())
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
 
     # -- export ---------------------------------------------------------------------------------------
     def export(self, directory: str | Path) -> Path:

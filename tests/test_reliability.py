@@ -34,6 +34,23 @@ def _train(*args, **kw):
                             stderr=subprocess.DEVNULL, **kw)
 
 
+def _kill_repeatedly(args: list, run: Path, times: int, rng: random.Random, max_delay: float) -> int:
+    """Start `train.py <args> --ckpt_path last` `times` times, SIGKILLing each at a random moment after the
+    run directory holds its first step checkpoint; returns how many were killed (not already finished)."""
+    kills = 0
+    for _ in range(times):
+        proc = _train(*args, "--run_dir", str(run), "--ckpt_path", "last")
+        deadline = time.monotonic() + 120
+        while not list((run / "checkpoints").glob("step-*.ckpt")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, max_delay))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait(60)
+    return kills
+
+
 def _same_exports(a: Path, b: Path) -> bool:
     x, y = load_file(str(a / WEIGHTS_NAME)), load_file(str(b / WEIGHTS_NAME))
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
@@ -45,18 +62,8 @@ def test_sigkill_at_random_steps_then_resume_equals_an_uninterrupted_run(tmp_pat
     --ckpt_path last each time: the exported adapter is bit-identical to an uninterrupted run's (CPU)."""
     shared("clip-vit-b32-features/caltech101.safetensors")
     assert _train(*FIT, "--run_dir", str(tmp_path / "whole")).wait(300) == 0
-    rng = random.Random(0)
-    run, kills = tmp_path / "killed", 0
-    for _ in range(3):
-        proc = _train(*FIT, "--run_dir", str(run), "--ckpt_path", "last")
-        deadline = time.monotonic() + 120
-        while not list((run / "checkpoints").glob("step-*.ckpt")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 1.5))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait(60)
+    run = tmp_path / "killed"
+    kills = _kill_repeatedly(FIT, run, 3, random.Random(0), max_delay=1.5)
     assert _train(*FIT, "--run_dir", str(run), "--ckpt_path", "last").wait(300) == 0
     print(f"\n[reliability] SIGKILLed runs: {kills} of 3; resumed export identical: {_same_exports(tmp_path / 'whole' / 'adapter', run / 'adapter')}")
     assert kills >= 1
@@ -83,17 +90,8 @@ def test_sigkill_during_an_online_shard_run_then_resume_equals_an_uninterrupted_
     config.write_text(ONLINE_FIT.format(shards=shards))
     args = ["fit", "--config", str(config), "--checkpoint_every_n_steps", "3"]
     assert _train(*args, "--run_dir", str(tmp_path / "whole")).wait(300) == 0
-    rng, run, kills = random.Random(1), tmp_path / "killed", 0
-    for _ in range(2):
-        proc = _train(*args, "--run_dir", str(run), "--ckpt_path", "last")
-        deadline = time.monotonic() + 120
-        while not list((run / "checkpoints").glob("step-*.ckpt")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 1.0))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait(60)
+    run = tmp_path / "killed"
+    kills = _kill_repeatedly(args, run, 2, random.Random(1), max_delay=1.0)
     assert _train(*args, "--run_dir", str(run), "--ckpt_path", "last").wait(300) == 0
     identical = _same_exports(tmp_path / "whole" / "adapter", run / "adapter")
     print(f"\n[reliability] online shard run: SIGKILLed {kills} of 2; resumed export identical: {identical}")

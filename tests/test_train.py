@@ -83,11 +83,14 @@ def test_extraction_output_reads_back_and_every_head_evaluates(extracted, tmp_pa
     assert ran == {"zeroshot", "prototype", "tip", "gda", "isoclip", "mixing", "coder", "coder_adapter"}
 
 
-@pytest.mark.parametrize("method", ["dac", "coder"])
+@pytest.mark.parametrize("method", ["dac", "dac-epoch-end", "coder"])
 def test_resume_after_a_crash_ends_with_the_same_adapter(tmp_path, extracted, method):
-    """Crash mid-epoch (step 10; last checkpoint at step 9), resume with --ckpt_path last: the exported
-    adapter equals an uninterrupted run's, exactly (CPU). DAC's noise and dropout draw from the RNG,
-    so this also checks that RNG states and the data order are restored."""
+    """Crash at step 10 and resume with --ckpt_path last: the exported adapter equals an uninterrupted
+    run's, exactly (CPU). The last checkpoint is mid-epoch (step 9), or, for "dac-epoch-end", on the
+    last batch of an epoch (step 7 of 7), where validation and a new loader run before the next step.
+    DAC's noise and dropout use randomness, so this also checks that it depends on the step alone."""
+    every = "7" if method == "dac-epoch-end" else "3"
+    method = method.split("-")[0]
     if method == "dac":
         shared("clip-vit-b32-features/caltech101.safetensors")
         args = ["--trainer.max_epochs", "3", "--model.init_args.feature_noise", "0.05", "--model.init_args.dropout", "0.1"]
@@ -96,7 +99,7 @@ def test_resume_after_a_crash_ends_with_the_same_adapter(tmp_path, extracted, me
         args = ["--trainer.max_epochs", "5", "--data.init_args.path", str(extracted[1]), "--data.init_args.shots", "4",
                 "--data.init_args.batch_size", "8"]
         config = "configs/coder/demo.yaml"  # 5 steps per epoch
-    args += ["--checkpoint_every_n_steps", "3"]
+    args += ["--checkpoint_every_n_steps", every]
     assert fit(tmp_path / "whole", *args, "--ckpt_path", "last", config=config) == 0  # nothing to resume: fresh
     with pytest.raises(RuntimeError, match="simulated crash"):
         fit(tmp_path / "crashed", *args, "--trainer.callbacks+=tests.helpers.CrashAtStep",
