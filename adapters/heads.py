@@ -334,19 +334,26 @@ def ks_precision(x: torch.Tensor, y: torch.Tensor, means: torch.Tensor) -> torch
     return (d * torch.linalg.pinv((n - 1) * cov + torch.trace(cov) * torch.eye(d, dtype=cov.dtype))).float()
 
 
-def gaussian_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(weight [C, D], bias [C], degenerate) of the shared-covariance Gaussian (LDA) rule with the KS
-    precision; with no within-class scatter the precision is the identity (nearest class mean)."""
-    means = class_means(x, y, num_classes)
-    precision = ks_precision(x, y, means)
-    degenerate = precision is None
-    weight = means if degenerate else means @ precision
-    bias = math.log(1.0 / num_classes) - 0.5 * (weight * means).sum(-1)
-    return weight, bias, degenerate
+class GaussianHead(Head):
+    """Base of the heads with GDA's shared-covariance Gaussian (LDA) term: GDA and prototype mixing."""
+
+    def _fit_gaussian(self, data: FitData) -> torch.Tensor:
+        """Register ``weight`` [C, D] = means @ P and ``bias`` [C] of the LDA rule with the KS precision P
+        (the identity when there is no within-class scatter: nearest class mean), and ``text``; returns
+        the class means."""
+        means = class_means(data.train_x, data.train_y, data.num_classes)
+        precision = ks_precision(data.train_x, data.train_y, means)
+        if precision is None:
+            self.notes.append("one sample per class: no covariance, identity used (nearest class mean)")
+        weight = means if precision is None else means @ precision
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", math.log(1.0 / data.num_classes) - 0.5 * (weight * means).sum(-1))
+        self.register_buffer("text", data.text)
+        return means
 
 
 @register_head
-class GDAHead(Head):
+class GDAHead(GaussianHead):
     """Gaussian Discriminant Analysis (GDA, Wang et al. ICLR 2024).
 
     Shared-covariance Gaussian classes give a linear classifier ``w_c = P mu_c``,
@@ -363,12 +370,7 @@ class GDAHead(Head):
         self.alphas = tuple(alphas)
 
     def _fit(self, data: FitData) -> None:
-        weight, bias, degenerate = gaussian_classifier(data.train_x, data.train_y, data.num_classes)
-        if degenerate:
-            self.notes.append("one sample per class: no covariance, identity used (nearest class mean)")
-        self.register_buffer("weight", weight)
-        self.register_buffer("bias", bias)
-        self.register_buffer("text", data.text)
+        self._fit_gaussian(data)
         self.alpha = 1.0
         if self.text is None:
             self.notes.append("image-only: no zero-shot ensemble")
@@ -461,7 +463,7 @@ class IsoCLIPHead(Head):
 
 # -- prototype mixing (a reading of the TAMP abstract, §6.3) ----------------------------------------------
 @register_head
-class MixingHead(Head):
+class MixingHead(GaussianHead):
     """Cross-modal prototype alignment and mixing, as *our reading of the abstract* of Goswami et al.
     (arXiv 2603.24528; the method details were not available, methods-coder-gda-iso.md §6.3):
 
@@ -485,14 +487,7 @@ class MixingHead(Head):
         self.lambdas, self.ranks, self.gammas, self.center_text = tuple(lambdas), tuple(ranks), tuple(gammas), center_text
 
     def _fit(self, data: FitData) -> None:
-        means = class_means(data.train_x, data.train_y, data.num_classes)
-        weight, bias, degenerate = gaussian_classifier(data.train_x, data.train_y, data.num_classes)
-        if degenerate:
-            self.notes.append("one sample per class: LDA term uses the identity covariance")
-        self.register_buffer("weight", weight)
-        self.register_buffer("bias", bias)
-        self.register_buffer("text", data.text)
-        self._prototypes = F.normalize(means, dim=-1)
+        self._prototypes = F.normalize(self._fit_gaussian(data), dim=-1)
         text = data.text - data.text.mean(0) if self.center_text else data.text
         self._directions = torch.linalg.svd(text.double(), full_matrices=False)[2].float()  # [min(C, D), D]
         given = self._given or {}

@@ -11,7 +11,6 @@ epochs is counted (a callback), not start-up. Prints seconds per epoch of both a
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 import warnings
@@ -22,6 +21,7 @@ import torch
 
 from adapters.backbone import FrozenCLIP
 from adapters.dac import DACAdapter
+from bench import report
 from datamodules.features import FeatureDataModule, write_feature_file
 from datamodules.images import ImageShardDataModule
 from datamodules.shards import from_folder, write_shards
@@ -102,10 +102,7 @@ def main() -> dict:
            "online_s_per_epoch": round(online_s, 3), "online_samples_per_epoch": online_n,
            "cached_s_per_epoch": round(cached_s, 4), "cached_samples_per_epoch": min(cached_n, len(train)),
            "ratio": round(ratio, 1), "command": "python bench/cached_vs_online.py"}
-    print(json.dumps(out, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
-    return out
+    return report(out, args.json)
 
 
 if __name__ == "__main__":

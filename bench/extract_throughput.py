@@ -12,7 +12,6 @@ their ratio (1.0 means the data pipeline costs nothing).
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 import warnings
@@ -22,6 +21,7 @@ import torch
 from PIL import Image
 
 from adapters.backbone import FrozenCLIP
+from bench import report
 from datamodules.images import ImageShardDataModule
 from datamodules.shards import Record, write_shards
 
@@ -84,10 +84,7 @@ def main() -> dict:
            "full_pipeline_images_per_s": round(full, 1), "bare_encoder_images_per_s": round(bare, 1),
            "images_per_s_per_worker": round(full / max(1, args.workers), 1),
            "ratio": round(full / bare, 3), "command": "python bench/extract_throughput.py"}
-    print(json.dumps(out, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
-    return out
+    return report(out, args.json)
 
 
 if __name__ == "__main__":

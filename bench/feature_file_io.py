@@ -12,13 +12,14 @@ not grow with the file size.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+from bench import report
 
 PROBE = r"""
 import resource, sys, time, torch
@@ -28,6 +29,7 @@ def rss_mb():
             return int(line.split()[1]) / 1024
 path, mode = sys.argv[1], sys.argv[2]
 import safetensors.torch
+from bench import report
 from datamodules.features import FeatureFile
 before = rss_mb()
 start = time.perf_counter()
@@ -74,10 +76,7 @@ def main() -> dict:
            "ratio_meaning": f"memory added by a full read / by a memory-mapped read at {largest['size_mb']} MB",
            "mmap_memory_growth_mb": round(rows[-1]["mmap_anon_mb"] - rows[0]["mmap_anon_mb"], 1),
            "command": "python bench/feature_file_io.py"}
-    print(json.dumps(out, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
-    return out
+    return report(out, args.json)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ and the script also prints images/s and peak GPU memory.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 import time
 import warnings
 
@@ -21,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from adapters.imo import IMOAdapter
+from bench import report
 
 
 class StepTimer(L.Callback):
@@ -94,10 +93,7 @@ def main() -> dict:
            "ratio": round(lightning_ips / plain_ips, 3), "command": "python bench/imo_step.py"}
     if memory is not None:
         out["peak_gpu_memory_gib_plain"] = round(memory, 2)
-    print(json.dumps(out, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
-    return out
+    return report(out, args.json)
 
 
 if __name__ == "__main__":

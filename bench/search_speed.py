@@ -10,7 +10,6 @@ text) so that the alpha axis is searched too. The looped search is timed on the 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from adapters.heads import CLIP_SCALE, FitData, TipAdapterHead, class_means
+from bench import report
 from datamodules.features import FeatureFile
 
 DEFAULT_FILE = Path(__file__).resolve().parents[1].parent / "shared/data/clip-vit-b32-features/caltech101.safetensors"
@@ -63,13 +63,10 @@ def main() -> dict:
         "vectorised_s": round(vec, 3), "looped_s_extrapolated": round(looped, 2),
         "ratio": round(looped / vec, 1), "command": "python bench/search_speed.py",
     }
-    print(json.dumps(out, indent=2))
     print(f"vectorised search: {vec:.3f} s for {len(betas) * len(alphas)} points; "
           f"reference double loop: {looped:.1f} s (timed on {args.loop_betas * len(alphas)} points, scaled) "
           f"-> {looped / vec:.0f}x faster")
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
-    return out
+    return report(out, args.json)
 
 
 def _timed(fn) -> float:
