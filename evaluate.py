@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from adapters.atomic import atomic_write_text
 from adapters.errors import UserError
-import adapters.coder  # noqa: F401  (registers the CODER heads)
+import adapters.coder as _coder_heads  # noqa: F401  (importing registers the CODER heads)
 from adapters.heads import HEADS, FitData, HeadSkipped, build_head
 from adapters.metrics import score
 from datamodules.features import FeatureFile

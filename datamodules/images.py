@@ -28,6 +28,7 @@ with a one-line error naming the shard and sample.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -48,7 +49,7 @@ from torch.utils.data import get_worker_info
 from adapters.errors import ConfigError, UserError
 from adapters.protocol import few_shot_indices
 from datamodules.features import ResumableTrainLoader, Split
-from datamodules.shards import IMAGE_KEYS, ShardSplit, load_split, read_manifest
+from datamodules.shards import IMAGE_KEYS, ShardSplit, label_of, load_split, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -221,20 +222,17 @@ def decode_sample(sample: dict, transform: Callable, views: int, num_classes: in
             targets = torch.zeros(num_classes)
             targets[labels] = 1.0
         else:
-            from datamodules.shards import label_of
-
-            y = label_of({k: v for k, v in sample.items()}, label, class_index, where)
+            y = label_of(sample, label, class_index, where)
     except (KeyError, ValueError, TypeError, UserError) as e:
         raise CorruptDataError(f"{where}: bad label ({e})") from None
     if not 0 <= y < num_classes:
         raise CorruptDataError(f"{where}: label {y} outside 0..{num_classes - 1}")
-    if augment_seed is None:
-        pixels = torch.stack([transform(image) for _ in range(views)]) if views > 1 else transform(image)
-    else:
-        epoch = shared["epoch"].value if shared is not None else 0
-        with torch.random.fork_rng(devices=[]):
+    seeded = augment_seed is not None
+    with torch.random.fork_rng(devices=[]) if seeded else contextlib.nullcontext():
+        if seeded:
+            epoch = shared["epoch"].value if shared is not None else 0
             torch.manual_seed(zlib.crc32(f"{augment_seed}-{epoch}-{sample['__key__']}".encode()))
-            pixels = torch.stack([transform(image) for _ in range(views)]) if views > 1 else transform(image)
+        pixels = torch.stack([transform(image) for _ in range(views)]) if views > 1 else transform(image)
     out = {"image": pixels, "label": y, "key": sample["__key__"]}
     if targets is not None:
         out["targets"] = targets

@@ -2,7 +2,6 @@
 
 Each test prints the figures RELIABILITY.md quotes (run with -s to see them)."""
 import io
-import json
 import os
 import random
 import signal

@@ -3,7 +3,6 @@ import io
 import json
 import tarfile
 
-import pytest
 from PIL import Image
 
 from datamodules import shards

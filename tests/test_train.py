@@ -1,7 +1,6 @@
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import lightning as L
 import pytest
