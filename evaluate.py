@@ -6,12 +6,16 @@ Example::
         --shots 16 --heads prototype,tip,gda
 
 For each file, shot count and seed, every head is fit on the K-shot training features, its
-hyper-parameters are chosen on ``val``, and it is scored on ``test`` (on ``val`` when the file has no
-test split, with searches then left at their defaults so that nothing is tuned on the data it is
-scored on). Results print as a table (top-1, top-5, mean per-class recall, chosen hyper-parameters)
-and are written as a JSON list of CLIP_benchmark-style records.
+hyper-parameters are chosen on ``val``, and it is scored on ``test``. No record is scored on the split
+its hyper-parameters were chosen on: a file without a test split is scored on ``val`` with every
+search left at its defaults, and an exported adapter whose head was chosen on ``val`` at training
+time is not scored there at all (its row says why). Results print as a table (top-1, top-5, mean
+per-class recall, chosen hyper-parameters) and are written as a JSON list of CLIP_benchmark-style
+records.
 
-Exit status: 0 on success, 2 on bad input (one line on stderr naming the file, key or field).
+Exit status: 0 on success, 2 on bad input (one line on stderr naming the file, key or field). With
+several feature files, the records of every file that succeeded are written and printed; each file
+that failed is one line on stderr, and the exit status is 2.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from adapters.errors import UserError
 import adapters.coder as _coder_heads  # noqa: F401  (importing registers the CODER heads)
 from adapters.heads import HEADS, FitData, HeadSkipped, build_head
 from adapters.metrics import score
+from adapters.protocol import canonical_dataset
 from datamodules.features import FeatureFile
 
 DEFAULT_HEADS = "zeroshot,prototype,tip,gda,isoclip,mixing,coder,coder_adapter"
@@ -61,6 +66,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "in every feature space, with a plot per file next to --output")
     p.add_argument("--output", default="eval_results.json", metavar="JSON",
                    help="where to write the results (a JSON list of records); '' to skip")
+    p.add_argument("--allow_dataset_mismatch", action="store_true",
+                   help="score --adapter exports on features of another dataset or other class names "
+                        "(refused by default: same class count, different classes)")
     args = p.parse_args(argv)
     args.heads = [h.strip() for h in args.heads.split(",") if h.strip()]
     unknown = [h for h in args.heads if h not in HEADS]
@@ -79,7 +87,8 @@ def load_adapters(paths: Sequence[str]) -> list:
     return [adapters.load_adapter(p) for p in paths]
 
 
-def _check_adapter(adapter, ff: FeatureFile, path: str) -> None:
+def _check_adapter(adapter, ff: FeatureFile, path: str, allow_mismatch: bool = False) -> list[str]:
+    """Refuse an adapter that cannot or should not score this file; returns notes for allowed mismatches."""
     backbone = ff.metadata.get("backbone")
     if backbone and backbone != adapter.hparams.backbone:
         raise UserError(f"--adapter: {path} was trained on {adapter.hparams.backbone} features, "
@@ -87,10 +96,39 @@ def _check_adapter(adapter, ff: FeatureFile, path: str) -> None:
     if ff.dim != adapter.embed_dim or ff.num_classes != adapter.hparams.num_classes:
         raise UserError(f"--adapter: {path} expects dim {adapter.embed_dim} and {adapter.hparams.num_classes} classes, "
                         f"{ff.path} has dim {ff.dim} and {ff.num_classes} classes")
+    mismatches = []
+    trained_on, here = canonical_dataset(adapter.hparams.dataset), canonical_dataset(ff.metadata.get("dataset"))
+    if trained_on and here and trained_on != here:
+        mismatches.append(f"trained on dataset {adapter.hparams.dataset!r}, the features are {ff.dataset!r}")
+    names = adapter.hparams.class_names
+    if names and ff.class_names and list(names) != list(ff.class_names):
+        first = next(i for i, (a, b) in enumerate(zip(names, ff.class_names)) if a != b)
+        mismatches.append(f"class {first} is {names[first]!r} in the adapter, {ff.class_names[first]!r} in the features")
+    if mismatches and not allow_mismatch:
+        raise UserError(f"--adapter: {path} was {mismatches[0]} ({ff.path}); pass --allow_dataset_mismatch "
+                        "to score it anyway")
+    return [f"dataset mismatch allowed: {m}" for m in mismatches]
+
+
+def _selected_splits(*splits: str | None) -> list[str]:
+    return sorted({s for s in splits if s})
+
+
+def _honest(record: dict) -> dict:
+    """The rule every record obeys: it is not scored on a split its choices were made on. A record that
+    would break it becomes a skipped row that says why."""
+    if "metrics" in record and record["eval_split"] in record["selected_splits"]:
+        split = record["eval_split"]
+        record = {k: v for k, v in record.items() if k not in ("metrics", "hyperparameters", "notes")}
+        record["eval_split"] = None  # not scored anywhere
+        record["skipped"] = (f"its choices were made on '{split}' ({record['selected_on']}) and the file has no "
+                             f"other split to score on: scoring there would be leaky")
+    return record
 
 
 def evaluate_file(path: str, heads: Sequence[str], shots: Sequence[int], seeds: Sequence[int],
-                  adapters: Sequence = (), adapter_paths: Sequence[str] = ()) -> list[dict]:
+                  adapters: Sequence = (), adapter_paths: Sequence[str] = (),
+                  allow_dataset_mismatch: bool = False) -> list[dict]:
     """Fit and score every head on one feature file; returns one record per (shots, seed, head).
 
     For each adapter: one record for its own inference and one per head run on its adapted features
@@ -98,8 +136,7 @@ def evaluate_file(path: str, heads: Sequence[str], shots: Sequence[int], seeds: 
     """
     ff = FeatureFile(path)
     ff.verify()
-    for adapter, adapter_path in zip(adapters, adapter_paths):
-        _check_adapter(adapter, ff, adapter_path)
+    mismatch_notes = {p: _check_adapter(a, ff, p, allow_dataset_mismatch) for a, p in zip(adapters, adapter_paths)}
     text = ff.text_features
     extras = ff.head_extras()
     eval_split = "test" if ff.has_split("test") else "val"
@@ -112,13 +149,19 @@ def evaluate_file(path: str, heads: Sequence[str], shots: Sequence[int], seeds: 
             "pretrained": ff.metadata.get("pretrained", "unknown"), "task": "fewshot_classification",
             "eval_split": eval_split, "features": str(path)}
     for adapter, adapter_path in zip(adapters, adapter_paths):
-        with torch.no_grad():
-            logits = adapter.logits(evaluation.features.float())
-        records.append({**base, "head": f"{adapter.method} (adapter)", "shots": None, "seed": None,
-                        "train": "the adapter's own training set", "selected_on": "val (at training time)",
-                        "adapter": adapter_path, "hyperparameters": dict(adapter.export_config().get("head_hparams") or {}),
-                        "notes": [], "metrics": score(logits, evaluation.labels)})
-    file_view = ff.metadata.get("adapter") if evaluation.adapted is not None else None  # e.g. IMO's TA++
+        selection = adapter.selection
+        chosen = _selected_splits(selection.get("head"), selection.get("weights"))
+        record = {**base, "head": f"{adapter.method} (adapter)", "shots": None, "seed": None,
+                  "train": "the adapter's own training set",
+                  "selected_on": f"{', '.join(chosen)} (at training time)" if chosen else "nothing (defaults)",
+                  "selected_splits": chosen, "adapter": adapter_path}
+        if eval_split not in chosen:
+            with torch.no_grad():
+                logits = adapter.logits(evaluation.features.float())
+            record.update(hyperparameters=dict(adapter.export_config().get("head_hparams") or {}),
+                          notes=list(mismatch_notes[adapter_path]), metrics=score(logits, evaluation.labels))
+        records.append(_honest({**record, "metrics": None} if eval_split in chosen else record))
+    file_view = ff.metadata.get("adapter") if evaluation.extra.get("adapted") is not None else None  # e.g. IMO's TA++
     for k in shots:
         fixed = ff.has_split(f"train_{k}shot")
         for seed in ([None] if fixed else seeds):
@@ -133,8 +176,7 @@ def evaluate_file(path: str, heads: Sequence[str], shots: Sequence[int], seeds: 
                     if view["name"] and (name in ("zeroshot", "coder") or preprojection):
                         continue  # these use the original features only: identical to the plain rows
                     record = {**base, "head": f"{name}+{view['name']}" if view["name"] else name,
-                              "shots": k, "seed": seed, "train": train_desc,
-                              "selected_on": "val" if val is not None else "defaults (no separate val split)"}
+                              "shots": k, "seed": seed, "train": train_desc}
                     if view["source"]:
                         record["adapter"] = view["source"]
                     try:
@@ -144,16 +186,24 @@ def evaluate_file(path: str, heads: Sequence[str], shots: Sequence[int], seeds: 
                             head = build_head(name, dataset=ff.dataset).fit(data)
                             logits = head(view["test"], text_x=test_x)
                     except HeadSkipped as e:
-                        records.append({**record, "skipped": str(e)})
+                        records.append({**record, "selected_on": "nothing", "selected_splits": [], "skipped": str(e)})
                         continue
-                    notes = list(head.notes)
+                    chosen = _selected_splits("val" if head.searched else None, view["weights_selected_on"])
+                    record["selected_on"] = ", ".join(chosen) if chosen else (
+                        "nothing (hyper-parameters at their defaults)" if head.hparams else "nothing (no hyper-parameters)")
+                    record["selected_splits"] = chosen
+                    notes = list(head.notes) + list(view["notes"])
                     if eval_split == "val":
                         notes.append("no test split: scored on val")
                     if name == "tip" and view["name"]:
                         ta = "TA++: " if view["source"] == "adapted features in the file" else ""
-                        notes.append(f"{ta}cache on adapted features, zero-shot term on the original ones")
+                        notes.append(f"{ta}cache on adapted features, zero-shot term on the original ones" if text is not None
+                                     else f"{ta}cache on adapted features (image-only: no zero-shot term)")
                     metrics = score(logits, evaluation.labels)
-                    records.append({**record, "hyperparameters": head.hparams, "notes": notes, "metrics": metrics})
+                    records.append(_honest({**record, "hyperparameters": head.hparams, "notes": notes,
+                                            "metrics": metrics}))
+    for r in records:  # enforced, not just intended: a leaky record is a bug
+        assert r["eval_split"] not in r["selected_splits"], r
     return records
 
 
@@ -165,15 +215,17 @@ def _views(train, val, evaluation, adapters, adapter_paths, file_view) -> list[d
         return None if t is None else F.normalize(t.float(), dim=-1)
 
     views = [{"name": None, "source": None, "train": norm(train.features), "val": norm(val.features) if val else None,
-              "test": norm(evaluation.features)}]
+              "test": norm(evaluation.features), "weights_selected_on": None, "notes": []}]
     for adapter, path in zip(adapters, adapter_paths):
         if adapter.adapts_features:
             views.append({"name": adapter.method, "source": path, "train": adapter.adapt(views[0]["train"]),
                           "val": None if val is None else adapter.adapt(views[0]["val"]),
-                          "test": adapter.adapt(views[0]["test"])})
-    if file_view and train.adapted is not None:
-        views.append({"name": file_view, "source": "adapted features in the file", "train": norm(train.adapted),
-                      "val": None if val is None else norm(val.adapted), "test": norm(evaluation.adapted)})
+                          "test": adapter.adapt(views[0]["test"]),
+                          "weights_selected_on": adapter.selection.get("weights"), "notes": []})
+    if file_view and train.extra.get("adapted") is not None:
+        views.append({"name": file_view, "source": "adapted features in the file", "train": norm(train.extra["adapted"]),
+                      "val": None if val is None else norm(val.extra["adapted"]), "test": norm(evaluation.extra["adapted"]),
+                      "weights_selected_on": None, "notes": []})
     return views
 
 
@@ -186,27 +238,34 @@ def overlap_records(path: str, adapters: Sequence = (), adapter_paths: Sequence[
 
     ff = FeatureFile(path)
     split = ff.split("test" if ff.has_split("test") else "val")
-    file_view = ff.metadata.get("adapter") if split.adapted is not None else None
+    file_view = ff.metadata.get("adapter") if split.extra.get("adapted") is not None else None
     curves = {}
     for view in _views(split, None, split, adapters, adapter_paths, file_view):
         overlap, same, diff = intra_modal_overlap(view["test"], split.labels, bins=bins)
         curves[view["name"] or "original"] = (same, diff, overlap)
     if plot:
         save_overlap_plot(curves, plot, title=f"{ff.dataset}: {split.name} split")
-    return [{"dataset": ff.dataset, "features": str(path), "split": split.name, "space": name, "overlap": curve[2],
-             "bins": bins, "plot": plot} for name, curve in curves.items()]
+    records = []
+    for name, (_, _, overlap) in curves.items():
+        record = {"dataset": ff.dataset, "features": str(path), "split": split.name, "space": name, "overlap": overlap,
+                  "bins": bins, "plot": plot, "notes": []}
+        if overlap is None:
+            record["notes"].append("undefined: the split has no pair of samples of the same class (or none of "
+                                   "different classes)")
+        records.append(record)
+    return records
 
 
 def _fit_preprojection_head(name, ff, train, val, evaluation, text, extras):
     """Fit a head on pre-projection features (IsoCLIP) and score the evaluation split."""
-    if train.preproj is None or evaluation.preproj is None:
+    if "preproj" not in train.extra or "preproj" not in evaluation.extra:
         raise HeadSkipped(f"{name} needs pre-projection features (extract with preprojection: true)")
-    has_val = val is not None and val.preproj is not None
-    data = FitData(train.preproj, train.labels, ff.num_classes, text=text,
-                   val_x=val.preproj if has_val else None, val_y=val.labels if has_val else None,
+    has_val = val is not None and "preproj" in val.extra
+    data = FitData(train.extra["preproj"], train.labels, ff.num_classes, text=text,
+                   val_x=val.extra["preproj"] if has_val else None, val_y=val.labels if has_val else None,
                    dataset=ff.dataset, extras=extras, normalize=False)
     head = build_head(name, dataset=ff.dataset).fit(data)
-    return head, head(evaluation.preproj.float())
+    return head, head(evaluation.extra["preproj"].float())
 
 
 def render(records: list[dict]):
@@ -243,25 +302,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=200)
     try:
         adapters = load_adapters(args.adapter)
-        records = [r for path in args.features
-                   for r in evaluate_file(path, args.heads, args.shots, args.seeds, adapters, args.adapter)]
-        overlaps = []
-        if args.overlap:
-            plot_dir = Path(args.output).parent if args.output else Path(".")
-            for path in args.features:
-                plot = plot_dir / f"overlap_{Path(path).stem}.png"
-                overlaps += overlap_records(path, adapters, args.adapter, plot=str(plot))
     except UserError as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
-    console.print(render(records))
+    records, overlaps, failed = [], [], 0
+    plot_dir = Path(args.output).parent if args.output else Path(".")
+    for path in args.features:  # one bad file costs its own rows, not everyone's
+        try:
+            file_records = evaluate_file(path, args.heads, args.shots, args.seeds, adapters, args.adapter,
+                                         allow_dataset_mismatch=args.allow_dataset_mismatch)
+            if args.overlap:
+                plot = plot_dir / f"overlap_{Path(path).stem}.png"
+                overlaps += overlap_records(path, adapters, args.adapter, plot=str(plot))
+            records += file_records
+        except UserError as e:
+            print(f"evaluate.py: error: {e}", file=sys.stderr)
+            failed += 1
+    if records:
+        console.print(render(records))
     for r in overlaps:
-        console.print(f"overlap {r['dataset']} ({r['split']}, {r['space']}): {r['overlap']:.3f}  plot: {r['plot']}")
+        value = "undefined" if r["overlap"] is None else f"{r['overlap']:.3f}"
+        console.print(f"overlap {r['dataset']} ({r['split']}, {r['space']}): {value}  plot: {r['plot']}"
+                      + (f"  ({'; '.join(r['notes'])})" if r["notes"] else ""))
     records += [{"task": "intra_modal_overlap", **r} for r in overlaps]
-    if args.output:
+    if args.output and records:
         atomic_write_text(args.output, json.dumps(records, indent=2))
-        console.print(f"results written to {Path(args.output).resolve()}")
-    return 0
+        console.print(f"results written to {Path(args.output).resolve()}"
+                      + (f" ({failed} of {len(args.features)} files failed)" if failed else ""))
+    return 2 if failed else 0
 
 
 if __name__ == "__main__":

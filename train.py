@@ -20,6 +20,7 @@ Exit status 2 with a one-line message for bad configuration or input.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -33,22 +34,42 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from adapters import register_builtin_methods
 from adapters.base import AdapterModule
+from adapters.atomic import atomic_write_text
 from adapters.errors import ConfigError, UserError
 from callbacks.export import AdapterExport
 from callbacks.progress_log import ProgressLog
 
 
 class RunDirConfig(SaveConfigCallback):
-    """Save the resolved config as ``<run_dir>/config.yaml`` (overwritten on resume)."""
+    """Save the resolved config as ``config.yaml`` in the command's output directory (`output_dir`)."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.already_saved or not trainer.is_global_zero:
             return
-        run_dir = Path(self.config["run_dir"])
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.parser.save(self.config, run_dir / self.config_filename, skip_none=False, overwrite=True,
+        out = output_dir(Path(self.config["run_dir"]), stage)
+        out.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, out / self.config_filename, skip_none=False, overwrite=True,
                          multifile=False)
         self.already_saved = True
+
+
+_OUTPUT_DIRS: dict[tuple[str, str], Path] = {}
+
+
+def output_dir(run_dir: Path, subcommand: str | None) -> Path:
+    """Where a command writes its config, logs and results: the run directory itself for ``fit``; for
+    ``validate``/``test``/``predict`` a new ``<subcommand>``, ``<subcommand>-2``, ... beside fit's files, so
+    that no later command touches what fit wrote. Chosen once per process."""
+    if subcommand in (None, "fit"):
+        return run_dir
+    key = (str(run_dir), subcommand)
+    if key not in _OUTPUT_DIRS:
+        n, candidate = 1, run_dir / subcommand
+        while candidate.exists():
+            n += 1
+            candidate = run_dir / f"{subcommand}-{n}"
+        _OUTPUT_DIRS[key] = candidate
+    return _OUTPUT_DIRS[key]
 
 
 class AdapterCLI(LightningCLI):
@@ -68,8 +89,24 @@ class AdapterCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         check_run_dir(Path(self._get(self.config, "run_dir")))
 
+    def _evaluate_and_save(self, stage: str, **kwargs) -> list[dict]:
+        results = getattr(self.trainer, stage)(**kwargs)
+        if self.trainer.is_global_zero:
+            out = output_dir(Path(self._get(self.config, "run_dir")), self.subcommand)
+            metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+            atomic_write_text(out / "metrics.json", json.dumps({"stage": stage, "ckpt_path": kwargs.get("ckpt_path"),
+                                                                "metrics": metrics}, indent=2, sort_keys=True))
+        return results
+
+    def validate(self, **kwargs):
+        return self._evaluate_and_save("validate", **kwargs)
+
+    def test(self, **kwargs):
+        return self._evaluate_and_save("test", **kwargs)
+
     def instantiate_trainer(self, **kwargs):
         run_dir = Path(self._get(self.config, "run_dir"))
+        out = output_dir(run_dir, self.subcommand)
         every = self._get(self.config, "checkpoint_every_n_steps") or None
         interactive = sys.stdout.isatty()  # rich progress on a terminal; plain log lines in cluster logs
         callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
@@ -86,11 +123,11 @@ class AdapterCLI(LightningCLI):
 
             if not any(isinstance(c, FeatureWriter) for c in configured):
                 callbacks.append(FeatureWriter(run_dir / "features"))
-        config["default_root_dir"] = str(run_dir)
+        config["default_root_dir"] = str(out)
         config["enable_progress_bar"] = interactive and config.get("enable_progress_bar", True) is not False
         if config.get("logger") in (None, True):
-            config["logger"] = [CSVLogger(run_dir, name="logs", version="csv"),
-                                TensorBoardLogger(run_dir, name="logs", version="tensorboard", default_hp_metric=False)]
+            config["logger"] = [CSVLogger(out, name="logs", version="csv"),
+                                TensorBoardLogger(out, name="logs", version="tensorboard", default_hp_metric=False)]
         config["callbacks"] = list(configured)
         return self._instantiate_trainer(config, callbacks)
 

@@ -55,6 +55,16 @@ def _resolve_pretrained(model_name: str, pretrained: str | None) -> str | None:
     return pretrained
 
 
+def pool_views(raw: torch.Tensor) -> torch.Tensor:
+    """One embedding per image from its augmented views: the mean of the *unnormalised* view
+    embeddings [..., V, D], then L2-normalised (Tip-Adapter's cache keys, methods-dac-imo.md §1.2).
+
+    The one definition of view pooling: extraction, the caches built from shards and the pooled keys
+    of a views-as-rows feature file all go through it.
+    """
+    return F.normalize(raw.float().mean(-2), dim=-1)
+
+
 class FrozenCLIP(nn.Module):
     """A frozen open_clip model with the accessors adapters need.
 

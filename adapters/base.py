@@ -19,6 +19,7 @@ implements `training_loss` and `logits` (and optionally `adapt` and `finalize`),
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from adapters.atomic import atomic_path, atomic_write_text
-from adapters.backbone import TINY_MODEL, FrozenCLIP, register_model_configs
+from adapters.backbone import TINY_MODEL, FrozenCLIP, pool_views, register_model_configs
 from adapters.errors import ConfigError, UserError
 from adapters.metrics import classification_metrics
 from adapters.protocol import templates_for
@@ -52,6 +53,20 @@ def register_adapter(cls: type["AdapterModule"]) -> type["AdapterModule"]:
     """Class decorator: make an adapter method loadable by name from its export."""
     ADAPTERS[cls.method] = cls
     return cls
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module):
+    """Run ``module`` in eval mode (no dropout) and give it back in the mode it was in.
+
+    What is derived from trained weights (a cache built from adapted keys, a search on val) must not
+    depend on dropout: at the end of fit Lightning leaves the module in train mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def model_embed_dim(model_name: str) -> int:
@@ -95,6 +110,10 @@ class AdapterModule(L.LightningModule):
             raise ConfigError(f"scheduler: must be 'cosine' or 'constant', got {scheduler!r}")
         self.embed_dim = embed_dim or model_embed_dim(backbone)
         self.strict_loading = False  # the frozen backbone is never in checkpoints
+        #: The data splits choices were made on at training time: "head" (the inference head's
+        #: hyper-parameters) and "weights" (e.g. an epoch chosen on val). Exported, so that no
+        #: evaluation scores the adapter on a split it was tuned on.
+        self.selection: dict[str, str | None] = {"head": None, "weights": None}
         self.val_metrics = classification_metrics(num_classes, prefix="val/")
         self.test_metrics = classification_metrics(num_classes, prefix="test/")
         self.register_buffer("text_features", torch.zeros(0, self.embed_dim))
@@ -159,6 +178,10 @@ class AdapterModule(L.LightningModule):
         if num_classes is not None and num_classes != self.hparams.num_classes:
             raise ConfigError(f"model.num_classes: {self.hparams.num_classes} but the data has {num_classes} classes")
 
+    def encode(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Image embeddings [B, D] through the (frozen) encoder this method classifies with."""
+        return self.backbone.encode_image(images, normalize=normalize).float()
+
     def image_features(self, batch: dict) -> torch.Tensor:
         """L2-normalised CLIP embeddings of a batch: [B, D], or [B, V, D] for images with V views."""
         if "features" in batch:
@@ -166,8 +189,36 @@ class AdapterModule(L.LightningModule):
         images = batch["image"]
         if images.ndim == 5:
             b, v = images.shape[:2]
-            return self.backbone.encode_image(images.flatten(0, 1)).float().view(b, v, -1)
-        return self.backbone.encode_image(images).float()
+            return self.encode(images.flatten(0, 1)).view(b, v, -1)
+        return self.encode(images)
+
+    def pooled_features(self, batch: dict) -> torch.Tensor:
+        """One L2-normalised embedding per image [B, D]: views pooled by `pool_views` (mean of the raw
+        view embeddings, then normalised), as Tip-Adapter builds its cache keys."""
+        if "features" in batch:
+            return F.normalize(batch["features"].float(), dim=-1)
+        images = batch["image"]
+        if images.ndim == 5:
+            b, v = images.shape[:2]
+            return pool_views(self.encode(images.flatten(0, 1), normalize=False).view(b, v, -1))
+        return self.encode(images)
+
+    @torch.no_grad()
+    def embed_split(self, source) -> "Split":
+        """The embeddings of a split a head needs: a cached `Split` as it is, or an `ImageSplit` (images
+        from shards, with views) embedded here, views pooled by `pool_views`. Every rank computes the
+        same (caches and searches need the whole split)."""
+        from datamodules.features import Split
+
+        if isinstance(source, Split):
+            return Split(F.normalize(source.features.float(), dim=-1), source.labels, source.name)
+        feats, labels = [], []
+        with eval_mode(self):
+            for batch in source.loader:
+                batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+                feats.append(self.pooled_features(batch).cpu())
+                labels.append(batch["label"].cpu())
+        return Split(torch.cat(feats), torch.cat(labels), source.name)
 
     # -- what a method implements ---------------------------------------------------------------------
     def adapt(self, features: torch.Tensor) -> torch.Tensor:
@@ -225,14 +276,8 @@ class AdapterModule(L.LightningModule):
         return self._evaluate(batch, self.test_metrics)
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        """Adapted embeddings for feature extraction (views averaged before normalising, as Tip-Adapter)."""
-        if "image" in batch and batch["image"].ndim == 5:
-            b, v = batch["image"].shape[:2]
-            raw = self.backbone.encode_image(batch["image"].flatten(0, 1), normalize=False).float().view(b, v, -1)
-            features = F.normalize(raw.mean(1), dim=-1)
-        else:
-            features = self.image_features(batch)
-        return {"features": self.adapt(features), "label": batch["label"], "key": batch.get("key"),
+        """Adapted embeddings for feature extraction (views pooled by `pool_views`, as Tip-Adapter)."""
+        return {"features": self.adapt(self.pooled_features(batch)), "label": batch["label"], "key": batch.get("key"),
                 "dataloader_idx": dataloader_idx}
 
     def on_train_epoch_start(self) -> None:
@@ -260,10 +305,12 @@ class AdapterModule(L.LightningModule):
     # -- exact resume ---------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["adapter_extra"] = self.export_config()
+        checkpoint["adapter_selection"] = dict(self.selection)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if checkpoint.get("adapter_extra"):
             self.load_export_config(checkpoint["adapter_extra"])
+        self.selection.update(checkpoint.get("adapter_selection") or {})
         # Lightning restores a stateful train loader only if it builds it after the checkpoint is read;
         # `estimated_stepping_batches` (the cosine schedule) builds it before. This hook runs before
         # either, so hand the saved loader state to the DataModule, which applies it to its loader.
@@ -292,6 +339,7 @@ class AdapterModule(L.LightningModule):
             "format_version": FORMAT_VERSION, "method": self.method, "config": hparams,
             "backbone": self.hparams.backbone, "pretrained": self.hparams.pretrained, "embed_dim": self.embed_dim,
             "num_classes": self.hparams.num_classes, "class_names": self.hparams.class_names,
+            "dataset": self.hparams.dataset, "selected_on": dict(self.selection),
             "extra": self.export_config(), "versions": _versions(),
         }
         tensors = self.adapter_state_dict()
@@ -342,10 +390,12 @@ def load_adapter(path: str | Path, backbone: FrozenCLIP | None = None, map_locat
     if backbone is not None:
         module.use_backbone(backbone)
     module.load_export_config(config.get("extra", {}))
+    module.selection.update(config.get("selected_on") or {})
     state = load_file(str(weights_path), device=map_location)
     _load_exported_state(module, state, path)
+    module.eval()
     module.finalize()
-    return module.eval()
+    return module
 
 
 def _load_exported_state(module: AdapterModule, state: dict[str, torch.Tensor], path: Path) -> None:

@@ -89,8 +89,11 @@ class CoderClassifier(nn.Module):
         idx = self.pair_index[cls[:, :, None], cls[:, None, :]]  # [R, k, k]: c -> c'
         f = F.normalize(x[rows].float(), dim=-1)
         mean_sim = torch.einsum("rd,rijd->rij", f, self.ovo_means[idx.clamp_min(0)])
-        mean_sim = mean_sim.masked_fill(idx < 0, 0.0)  # a missing pair contributes 0
-        gap = (mean_sim - mean_sim.transpose(1, 2)).sum(-1) / (k - 1)  # g_c over the other top-k classes
+        # A pair scores only when both directions have one-to-one texts; otherwise its term is 0 (the
+        # reference's try/except around the pair). Keeping a one-sided similarity would reward the
+        # classes an LLM happened to be asked about, not the image.
+        both = (idx >= 0) & (idx >= 0).transpose(1, 2)
+        gap = (mean_sim - mean_sim.transpose(1, 2)).masked_fill(~both, 0.0).sum(-1) / (k - 1)
         # new order inside the top k: by gap, ties kept in the stage-1 order
         order_key = gap - 1e-6 * torch.arange(k, dtype=gap.dtype)
         new_rank = order_key.argsort(dim=-1, descending=True)  # positions sorted best-first
@@ -144,6 +147,7 @@ class CoderAdapterHead(TipAdapterHead):
     [0.5, 1.5] x the best."""
 
     name = "coder_adapter"
+    wide_image_only_search = False  # the reference's own grid and refinements, with or without text
 
     def __init__(self, dataset: str | None = None, beta_max: float = 200.0, alpha_max: float = 20.0,
                  beta_steps: int = 500, alpha_steps: int = 50, refinements: int = 2, chunk: int = 20,
@@ -171,13 +175,15 @@ class CoderAdapterHead(TipAdapterHead):
     def search(self, val_x, val_y, val_text_x=None) -> tuple[float, float]:
         """Tip-Adapter's vectorised search on this grid, then the reference's refinement rounds."""
         self._refined = None
-        best = super().search(val_x, val_y, val_text_x)
+        best = super().search(val_x, val_y, val_text_x)  # notes a round-1 value on its grid's edge
+        notes = list(self.notes)
         for _ in range(self.refinements):
             alpha, beta = best
             self._refined = (torch.linspace(0.5 * beta, 1.5 * beta, self.beta_steps),
                              torch.linspace(0.5 * alpha, 1.5 * alpha, self.alpha_steps))
             best = super().search(val_x, val_y, val_text_x)
         self._refined = None
+        self.notes = notes  # a refinement window's edge is not a truncated search
         return best
 
     def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,12 +226,13 @@ class CoderAdapter(AdapterModule):
         text_set = getattr(dm, "text_set", None)
         if text_set is None:
             raise ConfigError("data: CoderAdapter needs a feature file with a CODER text set (train.py predict)")
-        train, val = dm.head_data(self)
+        train, val = (None if s is None else self.embed_split(s) for s in dm.head_data())
         self.text_set_embeddings = text_set.embeddings.float().to(self.device)
         self.keys = nn.Parameter(coder_features(train.features, self.text_set_embeddings.cpu()).to(self.device))
         self.train_labels = train.labels.to(self.device)
         if val is not None:
             self._val = (F.normalize(val.features.float(), dim=-1), val.labels)
+            self._val_name = val.name
 
     def logits(self, features: torch.Tensor, alpha: float | None = None, beta: float | None = None) -> torch.Tensor:
         if alpha is None and self.head is not None:
@@ -270,6 +277,8 @@ class CoderAdapter(AdapterModule):
                                       {"alpha": self.hparams.init_alpha, "beta": self.hparams.init_beta})
         head.fit_keys(data, self.keys.detach().cpu(), hparams=given)
         self.head_hparams = dict(head.hparams)
+        if head.searched:
+            self.selection["head"] = getattr(self, "_val_name", "val")
         self.__dict__["_head"] = head
 
     def export_config(self) -> dict:

@@ -17,8 +17,13 @@ were not available (../shared/reference/methods-dac-imo.md §3), so this module 
     Without text features, (b) is off and the image-only head (``tip`` cache, ``prototype`` or ``gda``)
     runs on adapted features.
 
-``schedule="sequential"`` trains (a) for the first ``intra_fraction`` of the epochs, then (b);
-``"joint"`` optimises both losses from the start.
+``schedule="sequential"`` trains (a) for the first ``intra_fraction`` of the optimiser steps (at least
+one step for each stage), then (b); ``"joint"`` optimises both losses from the start.
+
+**Views.** Online (`ImageShardDataModule` with ``train_views >= 2``) each image comes with several
+augmented views, and the contrastive loss takes an image's other views as positives beside its
+class-mates. On cached features with one row per image, ``feature_noise > 0`` makes a second, noisy
+view; without it, positives are other images of the class only.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.base import AdapterModule, register_adapter
+from adapters.base import AdapterModule, eval_mode, register_adapter
 from adapters.errors import ConfigError
 from adapters.heads import CLIP_SCALE, FitData, Head, build_head
 
@@ -95,7 +100,8 @@ class DACAdapter(AdapterModule):
         modulate_text: train the text modulation (b) when text features exist.
         text_on_adapted: score the text term with adapted instead of original image features.
         schedule: ``"sequential"`` ((a) then (b)) or ``"joint"``.
-        intra_fraction: share of epochs for (a) in the sequential schedule.
+        intra_fraction: share of optimiser steps for (a) in the sequential schedule (rounded, and at
+            least one step for each of (a) and (b) when both train).
         inter_weight: weight of the cross-entropy in the joint schedule.
         inference_head: ``"tip"``, ``"prototype"`` or ``"gda"``, fit on adapted features after training.
         **kwargs: `AdapterModule` arguments (num_classes, backbone, pretrained, lr, ...).
@@ -132,11 +138,12 @@ class DACAdapter(AdapterModule):
         dm = self.trainer.datamodule
         if not hasattr(dm, "head_data"):
             raise ConfigError(f"data: {type(dm).__name__} cannot provide the few-shot features DAC's cache needs")
-        train, val = dm.head_data(self)
+        train, val = (None if s is None else self.embed_split(s) for s in dm.head_data())
         self.train_features = F.normalize(train.features.float(), dim=-1).to(self.device)
         self.train_labels = train.labels.to(self.device)
         if val is not None:
             self._val = (F.normalize(val.features.float(), dim=-1).to(self.device), val.labels.to(self.device))
+            self._val_name = val.name
 
     # -- model ----------------------------------------------------------------------------------------------
     def adapt(self, features: torch.Tensor) -> torch.Tensor:
@@ -155,8 +162,26 @@ class DACAdapter(AdapterModule):
             return "intra"
         if self.hparams.schedule == "joint":
             return "joint"
-        max_epochs = self.trainer.max_epochs if self._trainer is not None and self.trainer.max_epochs else 1
-        return "intra" if self.current_epoch < round(self.hparams.intra_fraction * max_epochs) else "inter"
+        return "intra" if self.global_step < self.intra_steps() else "inter"
+
+    def intra_steps(self) -> int:
+        """Optimiser steps of stage (a) in the sequential schedule: ``round(intra_fraction * total)``,
+        clamped so that each enabled stage gets at least one step. Steps, not epochs: well defined for
+        one epoch and for ``max_steps`` runs alike."""
+        if "_intra_steps" not in self.__dict__:
+            total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+            frac = self.hparams.intra_fraction
+            if frac in (0.0, 1.0):
+                steps = 0 if frac == 0.0 else total
+            elif total >= 2:
+                steps = min(max(round(frac * total), 1), total - 1)
+            elif self.trainer.fast_dev_run:
+                steps = 1  # a smoke test: one step, of stage (a)
+            else:
+                raise ConfigError(f"schedule: sequential with intra_fraction={frac} trains two stages, but the run "
+                                  f"has {total} optimiser step; give it at least 2 (trainer.max_epochs / max_steps)")
+            self.__dict__["_intra_steps"] = steps
+        return self.__dict__["_intra_steps"]
 
     def training_loss(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         stage = self._stage()
@@ -175,7 +200,7 @@ class DACAdapter(AdapterModule):
             z = self.adapter(views.flatten(0, 1))
             y = labels.repeat_interleave(v)
             z_all, y_all, offset = z, y, 0
-            if self.hparams.gather_negatives and self.trainer.world_size > 1:
+            if self.hparams.gather_negatives and self._trainer is not None and self.trainer.world_size > 1:
                 z_all = self.all_gather(z, sync_grads=True).flatten(0, 1)
                 y_all = self.all_gather(y).flatten(0, 1)
                 offset = self.global_rank * len(z)
@@ -218,7 +243,7 @@ class DACAdapter(AdapterModule):
         self.__dict__["_head"] = head
 
     def _fit_head(self, search: bool) -> Head:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(self.adapter):  # the cache keys must not depend on dropout
             keys = self.adapter(self.train_features)
             text = self.modulated_text().detach() if self.has_text else None
             val_x = val_y = val_text_x = None
@@ -248,6 +273,8 @@ class DACAdapter(AdapterModule):
         if self.head_hparams is None:
             self._set_head(self._fit_head(search=self._val is not None))
             self.head_hparams = dict(self.head.hparams)
+            if self.head.searched:
+                self.selection["head"] = getattr(self, "_val_name", "val")
         elif self.head is None:
             self._set_head(self._fit_head(search=False))
 
@@ -255,8 +282,10 @@ class DACAdapter(AdapterModule):
         if self.head is None:
             self._set_head(self._fit_head(search=False))
         features = F.normalize(features.float(), dim=-1)
-        text_x = self.adapter(features) if self.hparams.text_on_adapted else features
-        return self.head(self.adapter(features).cpu(), text_x=text_x.cpu()).to(features.device)
+        with eval_mode(self.adapter):
+            adapted = self.adapter(features)
+        text_x = adapted if self.hparams.text_on_adapted else features
+        return self.head(adapted.cpu(), text_x=text_x.cpu()).to(features.device)
 
     def export_config(self) -> dict:
         return {"head": self.hparams.inference_head, "head_hparams": self.head_hparams}

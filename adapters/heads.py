@@ -143,6 +143,8 @@ class Head(nn.Module):
         self.dataset = dataset
         self.hparams: dict[str, float | int | str] = {}
         self.notes: list[str] = []
+        #: Whether hyper-parameters were chosen on the val data given to `fit` (records say so).
+        self.searched = False
 
     def fit(self, data: FitData, hparams: dict | None = None) -> "Head":
         """Fit on ``data``; with ``hparams`` (e.g. restored from an export) no search is run."""
@@ -163,11 +165,21 @@ class Head(nn.Module):
         x = x if text_x is None else F.normalize(text_x.float(), dim=-1)
         return CLIP_SCALE * x @ self.text.T
 
+    def _note_edge(self, name: str, index: int, grid: torch.Tensor | tuple, why: str = "") -> None:
+        """Say so when a searched value is the first or last point of its grid: the best value may lie
+        outside the range searched (or the range's bound is the answer)."""
+        values = torch.as_tensor(grid, dtype=torch.float64).flatten()
+        if len(values) > 1 and index in (0, len(values) - 1):
+            side = "lower" if index == 0 else "upper"
+            self.notes.append(f"{name}={float(values[index]):.4g} is at the {side} edge of its grid "
+                              f"[{float(values[0]):.4g}, {float(values[-1]):.4g}]{why}")
+
     def _skip_search(self, data: FitData, what: str) -> bool:
         """True when the search must not run: hyper-parameters were given, or there is no val split."""
         if self._given is not None:
             return True
         if data.has_val:
+            self.searched = True
             return False
         self.notes.append(f"no val split: {what} at default")
         return True
@@ -222,23 +234,37 @@ class CacheModel(nn.Module):
         return x @ self.keys.T
 
     def from_affinity(self, affinity: torch.Tensor, beta: torch.Tensor | float,
-                      buffer: torch.Tensor | None = None) -> torch.Tensor:
+                      buffer: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
         """Cache logits [*beta.shape, M, C] for affinities [M, N]: a tensor of betas adds leading dims.
 
         ``buffer`` (at least [*beta.shape, M, N]) is reused for the weights, which saves a large
-        allocation per call during grid searches.
+        allocation per call during grid searches. ``shift`` [M, 1] (a per-query maximum affinity)
+        computes ``exp(-beta (shift - A))`` instead of ``exp(-beta (1 - A))``: the same logits up to a
+        positive factor per query (so the same ranking), without underflow at large beta.
         """
         beta = torch.as_tensor(beta, dtype=affinity.dtype)
         beta = beta.reshape(beta.shape + (1,) * affinity.ndim)
+        centred = affinity - (1 if shift is None else shift)
         if buffer is None:
-            weights = beta * (affinity - 1)
+            weights = beta * centred
         else:
-            weights = torch.mul(beta, affinity - 1, out=buffer[: beta.shape[0]] if beta.ndim > affinity.ndim else buffer)
+            weights = torch.mul(beta, centred, out=buffer[: beta.shape[0]] if beta.ndim > affinity.ndim else buffer)
         weights.exp_()
         if self.shots_per_class:
             return weights.unflatten(-1, (self.num_classes, self.shots_per_class)).sum(-1)
         out = torch.zeros(weights.shape[:-1] + (self.num_classes,), dtype=weights.dtype)
         return out.index_add_(-1, self.labels, weights)
+
+    def log_from_affinity(self, affinity: torch.Tensor, beta: float) -> torch.Tensor:
+        """``log`` of `from_affinity`'s cache logits [M, C], computed as a per-class logsumexp of
+        ``-beta (1 - A)``: finite at any beta (a class without keys is -inf)."""
+        z = beta * (affinity - 1)
+        if self.shots_per_class:
+            return z.unflatten(-1, (self.num_classes, self.shots_per_class)).logsumexp(-1)
+        top = torch.full(z.shape[:-1] + (self.num_classes,), -math.inf, dtype=z.dtype)
+        top = top.scatter_reduce(-1, self.labels.expand_as(z), z, reduce="amax")
+        total = torch.zeros_like(top).index_add_(-1, self.labels, (z - top[..., self.labels]).exp())
+        return total.log() + top
 
     def forward(self, x: torch.Tensor, beta: float) -> torch.Tensor:
         return self.from_affinity(self.affinity(x), beta)
@@ -249,23 +275,34 @@ class TipAdapterHead(Head):
     """Tip-Adapter (training-free): ``100 x W.T + alpha * exp(-beta (1 - x K.T)) L``.
 
     Keys K are the few-shot features (in the shared feature files, already the mean of 10 augmented
-    views), values L their one-hot labels. alpha and beta are searched on val over Tip-Adapter's grid:
-    ``beta_i = 0.1 + i (s_beta - 0.1) / 200`` (200 values) and ``alpha_j = 0.1 + j (s_alpha - 0.1) / 20``
-    (20 values), with the per-dataset scales of the official configs; the first best point wins.
-    Without text features only the cache term remains; alpha then cannot change the argmax, so only
-    beta is searched ("cache only").
+    views), values L their one-hot labels. With text features, alpha and beta are searched on val over
+    Tip-Adapter's grid: ``beta_i = 0.1 + i (s_beta - 0.1) / 200`` (200 values) and
+    ``alpha_j = 0.1 + j (s_alpha - 0.1) / 20`` (20 values), with the per-dataset scales of the official
+    configs; the first best point wins.
+
+    Without text features only the cache term remains ("cache only"): alpha cannot change the argmax,
+    and the official per-dataset beta ranges, set for text + cache, truncate the search (the optimum
+    of the cache alone lies at larger beta). So beta is searched on a log grid over
+    ``image_only_betas`` (0.1 to 1000; at 1000 the cache is a nearest-neighbour classifier), then
+    refined linearly between the neighbours of the best point. The logits are then the log of the
+    cache term (same ranking as the cache term, no underflow at large beta). Every chosen value on the
+    edge of its grid is noted.
     """
 
     name = "tip"
+    #: Whether the cache-only search uses the wide log grid (CODER-Adapter keeps its reference grid).
+    wide_image_only_search: ClassVar[bool] = True
 
     def __init__(self, dataset: str | None = None, beta_scale: float | None = None, alpha_scale: float | None = None,
-                 beta_steps: int = 200, alpha_steps: int = 20, chunk: int = 10):
+                 beta_steps: int = 200, alpha_steps: int = 20, chunk: int = 10,
+                 image_only_betas: tuple[float, float, int] = (0.1, 1000.0, 81), refine_steps: int = 41):
         super().__init__(dataset)
         cfg = tip_search_config(dataset)
         self.beta_scale = beta_scale or cfg.beta_scale
         self.alpha_scale = alpha_scale or cfg.alpha_scale
         self.init_alpha, self.init_beta = cfg.init_alpha, cfg.init_beta
         self.beta_steps, self.alpha_steps, self.chunk = beta_steps, alpha_steps, chunk
+        self.image_only_betas, self.refine_steps = image_only_betas, refine_steps
 
     def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
         betas = 0.1 + torch.arange(self.beta_steps) * (self.beta_scale - 0.1) / self.beta_steps
@@ -279,6 +316,11 @@ class TipAdapterHead(Head):
     def affinity(self, x: torch.Tensor) -> torch.Tensor:
         """Query-key affinities in [-1, 1] (CODER-Adapter: min-max normalised)."""
         return self.cache.affinity(x)
+
+    @property
+    def _log_cache(self) -> bool:
+        """Cache-only logits are reported as the log of the cache term (see the class docstring)."""
+        return self.text is None and self.wide_image_only_search
 
     def _fit(self, data: FitData, keys: torch.Tensor | None = None) -> None:
         self.cache = CacheModel(self._cache_keys(data) if keys is None else keys, data.train_y, data.num_classes)
@@ -300,20 +342,47 @@ class TipAdapterHead(Head):
         The affinity is computed once; betas go through the cache in chunks sharing one buffer, and
         each chunk scores all alphas at once (`mixing_accuracy`). Returns (alpha, beta).
         """
-        betas, alphas = self.grid()
         affinity = self.affinity(val_x)
+        if self.text is None and self.wide_image_only_search:
+            return 1.0, self._search_cache_only(affinity, val_y)
+        betas, alphas = self.grid()
         zs = None if self.text is None else self._zero_shot(val_x, val_text_x)
+        i, j = first_best(self._grid_accuracy(affinity, val_y, betas, alphas, zs))
+        self._note_edge("beta", i, betas)
+        if zs is not None:
+            self._note_edge("alpha", j, alphas)
+        return (1.0 if zs is None else float(alphas[j])), float(betas[i])
+
+    def _grid_accuracy(self, affinity: torch.Tensor, val_y: torch.Tensor, betas: torch.Tensor,
+                       alphas: torch.Tensor | None = None, zs: torch.Tensor | None = None,
+                       shift: torch.Tensor | None = None) -> torch.Tensor:
+        """Val accuracy [len(betas), len(alphas) or 1] of the cache (plus the zero-shot term ``zs``)."""
         buffer = torch.empty((min(self.chunk, len(betas)),) + affinity.shape, dtype=affinity.dtype)
         accs = []
         for start in range(0, len(betas), self.chunk):
-            cache = self.cache.from_affinity(affinity, betas[start:start + self.chunk], buffer)
+            cache = self.cache.from_affinity(affinity, betas[start:start + self.chunk], buffer, shift=shift)
             accs.append(accuracy(cache, val_y)[:, None] if zs is None else mixing_accuracy(zs, cache, val_y, alphas))
-        i, j = first_best(torch.cat(accs))
-        return (1.0 if zs is None else float(alphas[j])), float(betas[i])
+        return torch.cat(accs)
+
+    def _search_cache_only(self, affinity: torch.Tensor, val_y: torch.Tensor) -> float:
+        """Cache-only beta: a log grid, then a linear refinement between the best point's neighbours."""
+        lo, hi, steps = self.image_only_betas
+        shift = affinity.amax(-1, keepdim=True)
+        coarse = torch.logspace(math.log10(lo), math.log10(hi), int(steps), dtype=affinity.dtype)
+        (i, _) = first_best(self._grid_accuracy(affinity, val_y, coarse, shift=shift))
+        self._note_edge("beta", i, coarse, " (log grid; at the upper edge the cache is a nearest-neighbour rule)"
+                        if i == len(coarse) - 1 else " (log grid)")
+        fine = torch.linspace(float(coarse[max(i - 1, 0)]), float(coarse[min(i + 1, len(coarse) - 1)]),
+                              self.refine_steps, dtype=affinity.dtype)
+        (j, _) = first_best(self._grid_accuracy(affinity, val_y, fine, shift=shift))
+        return float(fine[j])
 
     def forward(self, x: torch.Tensor, text_x: torch.Tensor | None = None) -> torch.Tensor:
         x = F.normalize(x.float(), dim=-1)
-        cache = self.cache.from_affinity(self.affinity(x), self.beta)
+        affinity = self.affinity(x)
+        if self._log_cache:
+            return self.cache.log_from_affinity(affinity, self.beta)
+        cache = self.cache.from_affinity(affinity, self.beta)
         if self.text is None:
             return cache
         return self._zero_shot(x, text_x) + self.alpha * cache
@@ -380,7 +449,9 @@ class GDAHead(GaussianHead):
         elif not self._skip_search(data, "alpha"):
             alphas = torch.tensor(self.alphas)
             zs, gda = self._zero_shot(data.val_x, data.val_text_x), data.val_x @ self.weight.T + self.bias
-            self.alpha = float(alphas[first_best(mixing_accuracy(zs, gda, data.val_y, alphas))[0]])
+            (i,) = first_best(mixing_accuracy(zs, gda, data.val_y, alphas))
+            self.alpha = float(alphas[i])
+            self._note_edge("alpha", i, alphas)
         self.hparams = {"alpha": self.alpha}
 
     def forward(self, x: torch.Tensor, text_x: torch.Tensor | None = None) -> torch.Tensor:
@@ -516,8 +587,11 @@ class MixingHead(GaussianHead):
             acc = mixing_accuracy(base, lda, data.val_y, gammas)  # [lambdas, gammas]
             i, j = first_best(acc)
             if float(acc[i, j]) > best[0]:
-                best = (float(acc[i, j]), (float(lambdas[i]), rank, float(gammas[j])))
+                best = (float(acc[i, j]), (float(lambdas[i]), rank, float(gammas[j])), (i, j))
         self.lam, self.rank, self.gamma = best[1]
+        self._note_edge("lambda", best[2][0], lambdas, " (the bounds of the mixing weight)")
+        self._note_edge("rank", ranks.index(self.rank), ranks)
+        self._note_edge("gamma", best[2][1], gammas)
 
     def forward(self, x: torch.Tensor, text_x: torch.Tensor | None = None) -> torch.Tensor:
         x = F.normalize(x.float(), dim=-1)

@@ -45,7 +45,8 @@ def intra_modal_overlap(features: torch.Tensor, labels: torch.Tensor, bins: int 
 
     All pairs i < j are used, accumulated in row chunks (no N x N matrix), unless ``max_pairs`` is
     set: then that many random pairs (seeded). Returns (overlap, same-class histogram, different-class
-    histogram), histograms normalised to probabilities over ``bins`` bins on ``value_range``.
+    histogram), histograms normalised to probabilities over ``bins`` bins on ``value_range``. The
+    overlap is None (undefined, not 0) when there is no same-class pair or no different-class pair.
     """
     x = torch.nn.functional.normalize(features.float(), dim=-1)
     y = labels.long()
@@ -71,6 +72,7 @@ def intra_modal_overlap(features: torch.Tensor, labels: torch.Tensor, bins: int 
             sims = x[rows] @ x.T
             upper = torch.arange(n)[None, :] > rows[:, None]  # pairs i < j only
             add(sims[upper], (y[rows][:, None] == y[None, :])[upper])
+    defined = bool(same.sum() > 0 and diff.sum() > 0)
     same /= same.sum().clamp_min(1)
     diff /= diff.sum().clamp_min(1)
-    return float(torch.minimum(same, diff).sum()), same, diff
+    return (float(torch.minimum(same, diff).sum()) if defined else None), same, diff

@@ -40,18 +40,6 @@ class EpochTimer(L.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-class _Encoder:
-    """What `ImageShardDataModule.head_data` needs from a model: a device and image features."""
-
-    device = torch.device("cpu")
-
-    def __init__(self, backbone: FrozenCLIP):
-        self.backbone = backbone
-
-    def image_features(self, batch: dict) -> torch.Tensor:
-        return self.backbone.encode_image(batch["image"])
-
-
 def fit(model, dm, epochs: int) -> tuple[float, int]:
     """(seconds per epoch, samples per epoch)."""
     timer = EpochTimer()
@@ -81,8 +69,10 @@ def main() -> dict:
         online = ImageShardDataModule(str(Path(tmp) / "shards"), shots=args.shots, batch_size=32, num_workers=2,
                                       augment=False)
         online.set_transforms(backbone.train_transform, backbone.eval_transform)
-        # the cached features of exactly these images (extraction is not timed)
-        train, _ = online.head_data(_Encoder(backbone))
+        # the cached features of exactly these images, embedded by the model (extraction is not timed)
+        embedder = DACAdapter(num_classes=len(names), backbone=args.model, dataset="cifar10")
+        embedder.use_backbone(backbone)
+        train = embedder.embed_split(online.head_data()[0])
         path = write_feature_file(Path(tmp) / "features.safetensors", {"train": (train.features, train.labels)},
                                   metadata={"backbone": args.model, "dataset": "cifar10"}, class_names=names)
         cached = FeatureDataModule(str(path), shots=None, batch_size=32, val_split=None, test_split=None)

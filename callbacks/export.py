@@ -2,6 +2,10 @@
 
 Both files are written atomically (temporary file + rename) by `AdapterModule.export`, on rank 0 only.
 Load them back with ``adapters.load_adapter(path)``.
+
+The choices a method makes after training (e.g. its head's hyper-parameters on val, `finalize`) are
+also written into the ``last`` checkpoint, so that ``train.py test --ckpt_path last`` scores exactly
+the model the export holds.
 """
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import logging
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +32,10 @@ class AdapterExport(L.Callback):
         if trainer.interrupted or not hasattr(pl_module, "export"):
             return
         pl_module.finalize()  # the same on every rank: hyper-parameters chosen on val
+        for callback in trainer.checkpoint_callbacks:  # the final, selected head goes into `last` too
+            if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath:
+                last = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+                trainer.save_checkpoint(last)  # collective under DDP; rank 0 writes
         if trainer.is_global_zero:
             pl_module.export(self.dirpath)
             log.info("adapter exported to %s", self.dirpath)

@@ -32,7 +32,8 @@ def save_overlap_plot(curves: dict[str, tuple[torch.Tensor, torch.Tensor, float]
     for (name, (same, diff, overlap)), colour in zip(curves.items(), ("tab:blue", "tab:orange", "tab:green", "tab:red")):
         bins = len(same)
         centres = torch.linspace(value_range[0], value_range[1], bins + 1)[:-1] + (value_range[1] - value_range[0]) / (2 * bins)
-        ax.plot(centres, same, color=colour, label=f"{name}: same class (overlap {overlap:.3f})")
+        shown = "undefined" if overlap is None else f"{overlap:.3f}"
+        ax.plot(centres, same, color=colour, label=f"{name}: same class (overlap {shown})")
         ax.plot(centres, diff, color=colour, linestyle="--", label=f"{name}: different class")
     ax.set_xlabel("cosine similarity")
     ax.set_ylabel("fraction of pairs")
@@ -79,7 +80,8 @@ class OverlapMonitor(L.Callback):
             overlap, same, diff = intra_modal_overlap(torch.cat(self._outputs[name]), labels, self.bins,
                                                       self.value_range, self.max_pairs)
             curves[name] = (same, diff, overlap)
-            pl_module.log(f"val/overlap_{name}", overlap, sync_dist=True)
+            # undefined overlap (no same-class pair in this rank's share) is logged as NaN, never as 0
+            pl_module.log(f"val/overlap_{name}", float("nan") if overlap is None else overlap, sync_dist=True)
         if self.plot and trainer.is_global_zero:
             directory = Path(self.dirpath or trainer.default_root_dir)
             title = f"{getattr(pl_module, 'method', '')} epoch {trainer.current_epoch}"

@@ -35,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from adapters.atomic import atomic_path
+from adapters.data import Split
 from adapters.errors import ConfigError, FeatureFileError
 from adapters.protocol import few_shot_indices
 
@@ -50,26 +51,6 @@ MANIFEST_FORMAT = "clip-adapters-features"
 
 _NP_DTYPES = {"F16": np.float16, "BF16": None, "F32": np.float32, "F64": np.float64,
               "I64": np.int64, "I32": np.int32, "I16": np.int16, "U8": np.uint8, "I8": np.int8}
-
-
-@dataclass
-class Split:
-    """Features and labels of one split (tensors may be memory-mapped views); ``preproj``: the
-    pre-projection image features when the extraction stored them (IsoCLIP)."""
-
-    features: torch.Tensor
-    labels: torch.Tensor
-    name: str
-    preproj: torch.Tensor | None = None
-    #: embeddings of an adapted encoder (IMO) stored beside the original ones
-    adapted: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, index: torch.Tensor, name: str | None = None) -> "Split":
-        pick = lambda t: None if t is None else t[index]  # noqa: E731
-        return Split(self.features[index], self.labels[index], name or self.name, pick(self.preproj), pick(self.adapted))
 
 
 def _is_split_key(key: str) -> bool:
@@ -296,8 +277,9 @@ class FeatureFile:
         return self._tensors[LABELS.format(split)].long()
 
     def split(self, split: str) -> Split:
-        return Split(self.features(split), self.labels(split), split, self._tensors.get(PREPROJ.format(split)),
-                     self._tensors.get(ADAPTED.format(split)))
+        extra = {name: self._tensors[key.format(split)] for name, key in (("preproj", PREPROJ), ("adapted", ADAPTED))
+                 if key.format(split) in self._tensors}
+        return Split(self.features(split), self.labels(split), split, extra)
 
     def _require(self, split: str) -> None:
         if not self.has_split(split):

@@ -48,7 +48,8 @@ from torch.utils.data import get_worker_info
 
 from adapters.errors import ConfigError, UserError
 from adapters.protocol import few_shot_indices
-from datamodules.features import ResumableTrainLoader, Split
+from adapters.data import ImageSplit
+from datamodules.features import ResumableTrainLoader
 from datamodules.shards import IMAGE_KEYS, ShardSplit, label_of, load_split, read_manifest
 
 log = logging.getLogger(__name__)
@@ -285,8 +286,11 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
         seed: seed of shard permutation and sample shuffling.
         shuffle_buffer: samples in each worker's shuffle buffer.
         augment: use the backbone's few-shot train augmentation for training (else its eval transform).
-        views: augmented views per image in prediction (averaged by the extractor: the Tip-Adapter cache
-            recipe); 1 means the eval transform.
+        views: augmented views per training image in prediction and in the caches a model builds from the
+            training split (pooled per image: the Tip-Adapter cache recipe); 1 means the eval transform.
+        train_views: augmented views per image in each training batch (``image`` [B, V, C, H, W] when
+            > 1): DAC's contrastive loss takes the other views of an image as positives. Each sample's
+            views are seeded by (seed, epoch, sample key), so a resumed epoch sees the same views.
         on_corrupt: ``"skip"`` (count, warn, continue) or ``"raise"`` (fail on the first one).
         verify_shards: check every shard against the CRC32 in the manifest at setup (reads the shards
             once): a corrupt shard is then skipped (counted) or an error, per ``on_corrupt``. Catches bit
@@ -296,13 +300,16 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
     def __init__(self, shards: str, train_split: str | None = "train", val_split: str | None = None,
                  test_split: str | None = None, predict_splits: Sequence[str] = ("train",), batch_size: int = 64,
                  num_workers: int = 2, shots: int | None = None, fewshot_seed: int = 1, seed: int = 0,
-                 shuffle_buffer: int = 1000, augment: bool = True, views: int = 1,
+                 shuffle_buffer: int = 1000, augment: bool = True, views: int = 1, train_views: int = 1,
                  on_corrupt: Literal["skip", "raise"] = "skip", verify_shards: bool = False):
         super().__init__()
         if on_corrupt not in ("skip", "raise"):
             raise ConfigError(f"on_corrupt: must be 'skip' or 'raise', got {on_corrupt!r}")
-        if batch_size < 1 or num_workers < 0 or views < 1:
-            raise ConfigError("batch_size and views must be >= 1 and num_workers >= 0")
+        if batch_size < 1 or num_workers < 0 or views < 1 or train_views < 1:
+            raise ConfigError("batch_size, views and train_views must be >= 1 and num_workers >= 0")
+        if train_views > 1 and not augment:
+            raise ConfigError("train_views: several views of an image need augment: true (else they are identical)")
+        self.train_views = train_views
         self.shards, self.train_split, self.val_split, self.test_split = shards, train_split, val_split, test_split
         self.predict_splits = list(predict_splits)
         self.batch_size, self.num_workers, self.shots, self.fewshot_seed = batch_size, num_workers, shots, fewshot_seed
@@ -452,7 +459,8 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
         if self.trainer is not None:
             self.shared["epoch"].value = self.trainer.current_epoch
         transform = self.train_transform if self.augment else self.eval_transform
-        pipeline = self._pipeline(split, urls, train=True, keys=keys, transform=transform, views=1, batches=per_worker)
+        pipeline = self._pipeline(split, urls, train=True, keys=keys, transform=transform, views=self.train_views,
+                                  batches=per_worker)
         loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=self.num_workers)
         return self._resume_loader(ShardLoader(loader.with_length(per_worker * workers), per_worker * workers, self))
 
@@ -484,23 +492,15 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
     def predict_dataloader(self):
         return [self._eval_loader(s, self.views if s == self.train_split else 1) for s in self.predict_splits]
 
-    @torch.no_grad()
-    def head_data(self, module) -> tuple[Split, Split | None]:
-        """Embeddings of the (few-shot) training split and of val through ``module.image_features``, in
-        this process alone (every rank computes the same): caches and hyper-parameter searches need
-        the whole sets. Training images get ``views`` augmented views averaged (Tip-Adapter's recipe)."""
-        def embed(split_name: str, views: int) -> Split:
-            feats, labels = [], []
-            for batch in self._eval_loader(split_name, views, distributed=False):
-                batch = {k: (v.to(module.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-                f = module.image_features(batch)
-                feats.append(torch.nn.functional.normalize(f.mean(1) if f.ndim == 3 else f, dim=-1).cpu())
-                labels.append(batch["label"].cpu())
-            return Split(torch.cat(feats), torch.cat(labels), split_name)
-
+    def head_data(self) -> tuple[ImageSplit, ImageSplit | None]:
+        """The (few-shot) training split, with ``views`` augmented views per image, and val, each whole and
+        in this process alone (caches and hyper-parameter searches need whole sets): images for the
+        model to embed (`AdapterModule.embed_split`, views pooled as Tip-Adapter builds its cache)."""
         if self.train_transform is None:
-            self.setup("fit")
-        return embed(self.train_split, self.views), (embed(self.val_split, 1) if self.val_split else None)
+            raise ConfigError("ImageShardDataModule: no transforms (the model hands them over with set_transforms)")
+        train = ImageSplit(self._eval_loader(self.train_split, self.views, distributed=False), self.train_split)
+        val = ImageSplit(self._eval_loader(self.val_split, 1, distributed=False), self.val_split) if self.val_split else None
+        return train, val
 
     # -- resume ---------------------------------------------------------------------------------------
     def loader_state(self) -> dict:

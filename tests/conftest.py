@@ -28,3 +28,17 @@ def tiny_clip():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return FrozenCLIP(TINY_MODEL, pretrained=None)
+
+
+def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A local open_clip checkpoint file of the tiny config (random weights, fixed by ``seed``): what
+    ``pretrained: /path/to/file.pt`` loads, so that two processes share one backbone."""
+    import open_clip
+
+    from adapters.backbone import TINY_MODEL, register_model_configs
+
+    register_model_configs()
+    torch.manual_seed(seed)
+    model = open_clip.create_model(TINY_MODEL, pretrained=None)
+    torch.save(model.state_dict(), path)
+    return path

@@ -74,7 +74,7 @@ def test_extraction_output_reads_back_and_every_head_evaluates(extracted, tmp_pa
     ff = FeatureFile(extracted[1])
     assert ff.splits == ["test", "train", "val"] and ff.num_classes == 9 and ff.text_features.shape == (9, 32)
     assert ff.keys("train") == sorted(ff.keys("train")) and len(ff.keys("train")) == 54
-    assert ff.split("train").preproj.shape == (54, 64) and ff.text_set.embeddings.shape == (9, 32)
+    assert ff.split("train").extra["preproj"].shape == (54, 64) and ff.text_set.embeddings.shape == (9, 32)
     out = tmp_path / "r.json"
     assert evaluate.main(["--features", str(extracted[1]), "--shots", "2", "--output", str(out)]) == 0
     records = json.loads(out.read_text())
