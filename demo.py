@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                    "--data.init_args.predict_splits", "[train,val,test]", "--data.init_args.views", "10"]):
         return 2
     step("4/5 training the DAC-style adapter on cached features (train.py fit)")
-    if train.main(["fit", "--config", "configs/dac/demo.yaml", "--run_dir", str(run / "dac"),
+    if train.main(["fit", "--config", "configs/dac/demo.yaml", "--data", "configs/data/demo.yaml", "--run_dir", str(run / "dac"),
                    "--data.init_args.path", str(run / "extract" / "features")]):
         return 2
     step("5/5 evaluating the exported adapter against the training-free heads")

@@ -31,13 +31,14 @@ import torch.nn.functional as F
 
 from adapters.atomic import atomic_write_text
 from adapters.errors import UserError
-import adapters.coder as _coder_heads  # noqa: F401  (importing registers the CODER heads)
-from adapters.heads import HEADS, FitData, HeadSkipped, build_head
+from adapters.heads import FitData, HeadSkipped, build_head
+from adapters.loading import heads as registered_heads
 from adapters.metrics import score
 from adapters.protocol import canonical_dataset
-from datamodules.features import FeatureFile
+from datamodules.feature_file import FeatureFile
 
-DEFAULT_HEADS = "zeroshot,prototype,tip,gda,isoclip,mixing,coder,coder_adapter"
+HEADS = registered_heads()  # every built-in method's heads, registered through adapters.loading
+DEFAULT_HEADS = ",".join(name for name, cls in HEADS.items() if cls.in_default_set)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -138,7 +139,6 @@ def evaluate_file(path: str, heads: Sequence[str], shots: Sequence[int], seeds: 
     ff.verify()
     mismatch_notes = {p: _check_adapter(a, ff, p, allow_dataset_mismatch) for a, p in zip(adapters, adapter_paths)}
     text = ff.text_features
-    extras = ff.head_extras()
     eval_split = "test" if ff.has_split("test") else "val"
     if not ff.has_split(eval_split):
         raise UserError(f"{ff.path}: no 'test' or 'val' split to evaluate on (has: {', '.join(ff.splits)})")
@@ -167,24 +167,15 @@ def evaluate_file(path: str, heads: Sequence[str], shots: Sequence[int], seeds: 
         for seed in ([None] if fixed else seeds):
             train, train_desc = ff.train_split(k, seed if seed is not None else 1)
             for view in _views(train, val, evaluation, adapters, adapter_paths, file_view):
-                data = FitData(view["train"], train.labels, ff.num_classes, text=text, val_x=view["val"],
-                               val_y=None if val is None else val.labels, dataset=ff.dataset,
-                               val_text_x=None if val is None else val.features, extras=extras)
-                test_x = F.normalize(evaluation.features.float(), dim=-1)
                 for name in heads:
-                    preprojection = HEADS[name].inputs == "preprojection"
-                    if view["name"] and (name in ("zeroshot", "coder") or preprojection):
-                        continue  # these use the original features only: identical to the plain rows
+                    if view["name"] and HEADS[name].original_only:
+                        continue  # it uses the original features only: identical to the plain row
                     record = {**base, "head": f"{name}+{view['name']}" if view["name"] else name,
                               "shots": k, "seed": seed, "train": train_desc}
                     if view["source"]:
                         record["adapter"] = view["source"]
                     try:
-                        if preprojection:
-                            head, logits = _fit_preprojection_head(name, ff, train, val, evaluation, text, extras)
-                        else:
-                            head = build_head(name, dataset=ff.dataset).fit(data)
-                            logits = head(view["test"], text_x=test_x)
+                        head, logits = _fit_and_score(name, ff, train, val, evaluation, view)
                     except HeadSkipped as e:
                         records.append({**record, "selected_on": "nothing", "selected_splits": [], "skipped": str(e)})
                         continue
@@ -195,10 +186,8 @@ def evaluate_file(path: str, heads: Sequence[str], shots: Sequence[int], seeds: 
                     notes = list(head.notes) + list(view["notes"])
                     if eval_split == "val":
                         notes.append("no test split: scored on val")
-                    if name == "tip" and view["name"]:
-                        ta = "TA++: " if view["source"] == "adapted features in the file" else ""
-                        notes.append(f"{ta}cache on adapted features, zero-shot term on the original ones" if text is not None
-                                     else f"{ta}cache on adapted features (image-only: no zero-shot term)")
+                    if view["name"] and head.adapted_note(text is not None):
+                        notes.append(head.adapted_note(text is not None))
                     metrics = score(logits, evaluation.labels)
                     records.append(_honest({**record, "hyperparameters": head.hparams, "notes": notes,
                                             "metrics": metrics}))
@@ -256,16 +245,28 @@ def overlap_records(path: str, adapters: Sequence = (), adapter_paths: Sequence[
     return records
 
 
-def _fit_preprojection_head(name, ff, train, val, evaluation, text, extras):
-    """Fit a head on pre-projection features (IsoCLIP) and score the evaluation split."""
-    if "preproj" not in train.extra or "preproj" not in evaluation.extra:
-        raise HeadSkipped(f"{name} needs pre-projection features (extract with preprojection: true)")
-    has_val = val is not None and "preproj" in val.extra
-    data = FitData(train.extra["preproj"], train.labels, ff.num_classes, text=text,
-                   val_x=val.extra["preproj"] if has_val else None, val_y=val.labels if has_val else None,
-                   dataset=ff.dataset, extras=extras, normalize=False)
+def _fit_and_score(name: str, ff: FeatureFile, train, val, evaluation, view: dict):
+    """Fit head ``name`` in one feature space and score the evaluation split. The head declares its
+    inputs: the space's embeddings, or a per-sample tensor stored at extraction (original features
+    only), and the file-level tensors it reads."""
+    cls = HEADS[name]
+    extras = {k: v for k, v in ff.extras.items() if cls.reads and k.startswith(cls.reads)}
+    has_val = view["val"] is not None
+    if cls.inputs == "embeddings":
+        inputs = (view["train"], view["val"], view["test"])
+        val_text_x, test_text_x = (val.features if has_val else None), evaluation.features
+    else:
+        if cls.inputs not in train.extra or cls.inputs not in evaluation.extra:
+            raise HeadSkipped(f"{name} needs per-sample '{cls.inputs}' features ({cls.inputs_hint})")
+        has_val = has_val and cls.inputs in val.extra
+        inputs = (train.extra[cls.inputs], val.extra[cls.inputs] if has_val else None, evaluation.extra[cls.inputs])
+        val_text_x = test_text_x = None
+    data = FitData(inputs[0], train.labels, ff.num_classes, text=ff.text_features, val_x=inputs[1],
+                   val_y=val.labels if has_val else None, dataset=ff.dataset, val_text_x=val_text_x,
+                   extras=extras, metadata=ff.metadata, normalize=cls.inputs == "embeddings")
     head = build_head(name, dataset=ff.dataset).fit(data)
-    return head, head(evaluation.extra["preproj"].float())
+    text_x = None if test_text_x is None else F.normalize(test_text_x.float(), dim=-1)
+    return head, head(inputs[2].float(), text_x=text_x)
 
 
 def render(records: list[dict]):

@@ -27,15 +27,15 @@ import sys
 import warnings
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ModelCheckpoint
 from jsonargparse import ArgumentError
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from adapters import register_builtin_methods
-from adapters.base import AdapterModule
 from adapters.atomic import atomic_write_text
+from adapters.base import BackboneModule
 from adapters.errors import ConfigError, UserError
+from adapters.loading import register_builtin_methods
 from callbacks.export import AdapterExport
 from callbacks.progress_log import ProgressLog
 
@@ -143,7 +143,7 @@ def main(args: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", message=pattern)
     register_builtin_methods()
     try:
-        AdapterCLI(AdapterModule, subclass_mode_model=True, subclass_mode_data=True,
+        AdapterCLI(BackboneModule, subclass_mode_model=True, subclass_mode_data=True,
                    save_config_callback=RunDirConfig, seed_everything_default=0, args=args,
                    parser_kwargs={"default_env": True, "exit_on_error": False})
     except ArgumentError as e:  # a bad option or config value: one line, like every other input error

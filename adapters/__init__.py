@@ -1,20 +1,13 @@
 """CLIP adapters: trained methods (LightningModules), training-free heads and the frozen backbone.
 
-``adapters.load_adapter(path, backbone=None)`` rebuilds an exported adapter for inference.
+``adapters.load_adapter(path, backbone=None)`` rebuilds an exported adapter for inference (it is
+`adapters.loading.load_adapter`, imported on first use so that importing any submodule stays light).
 """
-import importlib
-
-#: Modules defining the built-in trained methods; importing them registers each with `register_adapter`.
-BUILTIN_METHODS = ("adapters.dac", "adapters.coder", "adapters.extractor", "adapters.imo")
 
 
-def load_adapter(path, backbone=None, map_location="cpu"):
-    """Rebuild an exported adapter (``adapter_config.json`` + ``adapter_model.safetensors``) for inference."""
-    from adapters.base import load_adapter as _load
+def __getattr__(name: str):
+    if name == "load_adapter":
+        from adapters.loading import load_adapter
 
-    return _load(path, backbone=backbone, map_location=map_location)
-
-
-def register_builtin_methods() -> None:
-    for name in BUILTIN_METHODS:
-        importlib.import_module(name)
+        return load_adapter
+    raise AttributeError(f"module 'adapters' has no attribute {name!r}")

@@ -1,21 +1,21 @@
-"""AdapterModule: the LightningModule base shared by every trained method, and its export format.
+"""The LightningModule bases of every method, the model-data contract, and the export format.
 
-What every method gets from the base:
+* `AdapterData` (a `typing.Protocol`) is everything a model may ask of its DataModule: classes,
+  metadata, text features, the file's extra tensors, the splits a head needs, the epoch, the loader
+  state, and transforms handed over by the model. Both built-in DataModules provide all of it; the
+  data side returns data and never calls the model.
+* `BackboneModule` holds the frozen `FrozenCLIP` backbone (built only when needed, never in a
+  checkpoint), turns batches of images or of cached features into L2-normalised embeddings, embeds
+  the splits a head needs, and takes the text classifier from the data. The feature extractor is one.
+* `AdapterModule` adds training: metrics, optimiser, exact resume (data order and training
+  randomness are functions of (seed, epoch, rank, step) and the loader position is in the
+  checkpoint), `selection` (what was chosen on which split), and the peft-style export
+  (``adapter_config.json`` + ``adapter_model.safetensors``), written atomically as a pair.
 
-* a `FrozenCLIP` backbone built only when needed (images in the batch, or a text classifier to
-  compute) that never enters checkpoints (``strict_loading = False`` and a filtered ``state_dict``);
-* batches of images (online: ``{"image", "label"}``) or of cached features (``{"features", "label"}``):
-  `image_features` turns either into L2-normalised CLIP embeddings, so one module trains both ways;
-* the zero-shot text classifier, taken from the feature file or computed once from class names;
-* validation/test metrics (torchmetrics top-1, top-5, mean per-class recall);
-* `adapter_state_dict`, `export` and `load_adapter`: the peft-style ``adapter_config.json`` +
-  ``adapter_model.safetensors`` directory, written atomically;
-* exact resume: the data order and the training randomness are functions of (seed, epoch, rank,
-  step), and the loader position is in the checkpoint.
-
-A method subclasses `AdapterModule`, sets ``method``, defines its modules in ``__init__`` and
-implements `training_loss` and `logits` (and optionally `adapt` and `finalize`), then registers with
-`register_adapter`. See ``adapters/dac.py``.
+A trained method subclasses `AdapterModule` (or `adapters.cached.CachedHeadAdapter` when it infers
+with a cache head), sets ``method``, defines its modules in ``__init__``, implements `training_loss`
+and `logits` (optionally `adapt` and `finalize`) and registers with `register_adapter`; one line in
+`adapters.loading.BUILTIN_METHODS` makes its exports loadable by name. See ``adapters/dac.py``.
 """
 from __future__ import annotations
 
@@ -24,21 +24,22 @@ import json
 import os
 import random
 import sys
-import zlib
 import warnings
+import zlib
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 
 import lightning as L
 import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from adapters.atomic import atomic_path, atomic_write_text
+from adapters.atomic import atomic_directory
 from adapters.backbone import TINY_MODEL, FrozenCLIP, pool_views, register_model_configs
-from adapters.errors import ConfigError, UserError
+from adapters.data import ImageSplit, Split
+from adapters.errors import ConfigError
 from adapters.metrics import classification_metrics
 from adapters.protocol import templates_for
 
@@ -53,6 +54,14 @@ def register_adapter(cls: type["AdapterModule"]) -> type["AdapterModule"]:
     """Class decorator: make an adapter method loadable by name from its export."""
     ADAPTERS[cls.method] = cls
     return cls
+
+
+def derived(module: torch.nn.Module, name: str, value: Any) -> Any:
+    """Set ``module.<name>`` to something derived from its tensors (a fitted head, an attached encoder)
+    without registering it as a submodule: it then never enters ``state_dict``, checkpoints or exports
+    (``nn.Module.__setattr__`` would register a Module value)."""
+    module.__dict__[name] = value
+    return value
 
 
 @contextlib.contextmanager
@@ -78,44 +87,70 @@ def model_embed_dim(model_name: str) -> int:
     return int(cfg["embed_dim"])
 
 
-class AdapterModule(L.LightningModule):
-    """Base of the trained adapters (see the module docstring).
+@runtime_checkable
+class AdapterData(Protocol):
+    """What a model may ask of its DataModule (`datamodules.features.FeatureDataModule` and
+    `datamodules.images.ImageShardDataModule` provide all of it)."""
+
+    #: Number of classes, their names (or None) and the dataset's name (selects prompt templates).
+    num_classes: int
+    class_names: list[str] | None
+    dataset_name: str | None
+    #: Embedding dimension of cached features; None for images (the backbone decides).
+    dim: int | None
+    #: Identity of cached features (``backbone``, ``pretrained``, ...); empty for images.
+    metadata: dict[str, str]
+    #: The zero-shot classifier stored with cached features, or None.
+    text_features: torch.Tensor | None
+    #: File-level tensors stored at extraction by methods' stores (``coder.*``, ...), by full name.
+    extras: dict[str, torch.Tensor]
+    #: Whether the data are images, which need the model's transforms (`set_transforms`).
+    takes_images: bool
+    #: Corrupt shards/samples skipped so far (0 for cached features).
+    corrupt_count: int
+
+    def head_data(self) -> tuple[Split | ImageSplit, Split | ImageSplit | None]:
+        """The (few-shot) training split and val, whole: what caches and searches are built from."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called at each train epoch start (streamed data reshuffle shards per epoch)."""
+
+    def set_transforms(self, train: Callable, eval: Callable) -> None:
+        """The model's image transforms, handed over before any loader is built."""
+
+    def restore_loader_state(self, state: dict) -> None:
+        """A checkpoint's train-loader state, applied to the next train loader built."""
+
+
+class BackboneModule(L.LightningModule):
+    """A frozen open_clip backbone as a LightningModule (see the module docstring).
 
     Args:
         num_classes: number of classes (linked from the DataModule by ``train.py``).
         class_names: class names, used for the zero-shot classifier when the data has no text features.
         backbone: open_clip architecture of the frozen encoder.
-        pretrained: its weights: hub tag, local checkpoint file, or None (random; tests and demos).
+        pretrained: its weights: hub tag, ``hf-hub:`` name, local checkpoint file, or None (random;
+            tests and demos).
+        cache_dir: where open_clip looks for and stores downloaded weights (None: its default).
         embed_dim: embedding dimension (linked from the data; defaults to the backbone's).
         dataset: dataset name, selecting the protocol's prompt templates.
         templates: prompt templates overriding the dataset's.
-        lr: AdamW learning rate.
-        weight_decay: AdamW weight decay.
-        scheduler: ``"cosine"`` (over all training steps) or ``"constant"``.
     """
 
-    method: ClassVar[str] = ""
+    #: Whether the method uses the zero-shot classifier (IMO classifies its own training classes).
+    uses_text: ClassVar[bool] = True
 
     def __init__(self, num_classes: int, class_names: list[str] | None = None, backbone: str = TINY_MODEL,
-                 pretrained: str | None = None, embed_dim: int | None = None, dataset: str | None = None,
-                 templates: list[str] | None = None, lr: float = 1e-3, weight_decay: float = 0.01,
-                 scheduler: str = "cosine"):
+                 pretrained: str | None = None, cache_dir: str | None = None, embed_dim: int | None = None,
+                 dataset: str | None = None, templates: list[str] | None = None):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters()  # the arguments of every constructor up the subclass chain
         if num_classes < 2:
             raise ConfigError(f"num_classes: must be >= 2, got {num_classes}")
         if class_names is not None and len(class_names) != num_classes:
             raise ConfigError(f"class_names: {len(class_names)} names for num_classes={num_classes}")
-        if scheduler not in ("cosine", "constant"):
-            raise ConfigError(f"scheduler: must be 'cosine' or 'constant', got {scheduler!r}")
         self.embed_dim = embed_dim or model_embed_dim(backbone)
         self.strict_loading = False  # the frozen backbone is never in checkpoints
-        #: The data splits choices were made on at training time: "head" (the inference head's
-        #: hyper-parameters) and "weights" (e.g. an epoch chosen on val). Exported, so that no
-        #: evaluation scores the adapter on a split it was tuned on.
-        self.selection: dict[str, str | None] = {"head": None, "weights": None}
-        self.val_metrics = classification_metrics(num_classes, prefix="val/")
-        self.test_metrics = classification_metrics(num_classes, prefix="test/")
         self.register_buffer("text_features", torch.zeros(0, self.embed_dim))
 
     # -- the frozen backbone --------------------------------------------------------------------------
@@ -127,7 +162,8 @@ class AdapterModule(L.LightningModule):
                 if self.hparams.pretrained is None:
                     warnings.simplefilter("ignore")
                 # not add_module(): it probes hasattr(self, "backbone"), i.e. this property
-                self._modules["backbone"] = FrozenCLIP(self.hparams.backbone, self.hparams.pretrained).to(self.device)
+                self._modules["backbone"] = FrozenCLIP(self.hparams.backbone, self.hparams.pretrained,
+                                                       cache_dir=self.hparams.get("cache_dir")).to(self.device)
             if self.backbone.embed_dim != self.embed_dim:
                 raise ConfigError(f"embed_dim: {self.embed_dim} but backbone {self.hparams.backbone} "
                                   f"embeds in {self.backbone.embed_dim} dimensions")
@@ -139,29 +175,43 @@ class AdapterModule(L.LightningModule):
             raise ConfigError(f"backbone: adapter was trained on {self.hparams.backbone}, got {backbone.model_name}")
         self._modules["backbone"] = backbone
 
+    @property
+    def train_transform(self) -> Callable:
+        """What image training batches go through (the few-shot protocol's augmentation by default)."""
+        return self.backbone.train_transform
+
     def state_dict(self, *args, **kwargs) -> dict[str, Any]:
         """Everything but the frozen backbone (and the metric states)."""
         state = super().state_dict(*args, **kwargs)
         return {k: v for k, v in state.items() if not k.startswith(("backbone.", "val_metrics.", "test_metrics."))}
-
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The tensors an export holds: trained parameters and the buffers inference needs."""
-        return {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
 
     # -- data -----------------------------------------------------------------------------------------
     @property
     def has_text(self) -> bool:
         return self.text_features.numel() > 0
 
-    def setup(self, stage: str) -> None:
-        """Take the text classifier and the backbone check from the DataModule."""
+    @property
+    def data(self) -> AdapterData | None:
+        """The trainer's DataModule, checked against the `AdapterData` contract (None without one)."""
         dm = self.trainer.datamodule if self._trainer is not None else None
-        self._check_data(dm)
-        if self.has_text:
+        if dm is not None and not isinstance(dm, AdapterData):
+            missing = [name for name in AdapterData.__annotations__ if not hasattr(dm, name)]
+            raise ConfigError(f"data: {type(dm).__name__} does not provide what the model needs "
+                              f"(adapters.base.AdapterData; missing: {', '.join(missing) or 'methods'})")
+        return dm
+
+    def setup(self, stage: str) -> None:
+        """Check the data against the model, hand over the transforms, take the text classifier."""
+        dm = self.data
+        if dm is None:
             return
-        text = getattr(dm, "text_features", None)
-        if text is not None:
-            self.text_features = text.float().to(self.device)
+        self._check_data(dm)
+        if dm.takes_images:
+            dm.set_transforms(self.train_transform, self.backbone.eval_transform)
+        if self.has_text or not self.uses_text:
+            return
+        if dm.text_features is not None:
+            self.text_features = dm.text_features.float().to(self.device)
         elif self.hparams.class_names:
             templates = self.hparams.templates or list(templates_for(self.hparams.dataset))
             self.text_features = self.backbone.zero_shot_classifier(self.hparams.class_names, templates)
@@ -169,14 +219,12 @@ class AdapterModule(L.LightningModule):
             raise ConfigError(f"text features: shape {tuple(self.text_features.shape)} does not fit "
                               f"num_classes={self.hparams.num_classes}, embed_dim={self.embed_dim}")
 
-    def _check_data(self, dm) -> None:
-        meta = getattr(dm, "metadata", None) or {}
-        name = meta.get("backbone")
+    def _check_data(self, dm: AdapterData) -> None:
+        name = dm.metadata.get("backbone")
         if name and name != self.hparams.backbone:
             raise ConfigError(f"model.backbone: {self.hparams.backbone} but the features were extracted with {name}")
-        num_classes = getattr(dm, "num_classes", None)
-        if num_classes is not None and num_classes != self.hparams.num_classes:
-            raise ConfigError(f"model.num_classes: {self.hparams.num_classes} but the data has {num_classes} classes")
+        if dm.num_classes != self.hparams.num_classes:
+            raise ConfigError(f"model.num_classes: {self.hparams.num_classes} but the data has {dm.num_classes} classes")
 
     def encode(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Image embeddings [B, D] through the (frozen) encoder this method classifies with."""
@@ -204,12 +252,10 @@ class AdapterModule(L.LightningModule):
         return self.encode(images)
 
     @torch.no_grad()
-    def embed_split(self, source) -> "Split":
-        """The embeddings of a split a head needs: a cached `Split` as it is, or an `ImageSplit` (images
-        from shards, with views) embedded here, views pooled by `pool_views`. Every rank computes the
-        same (caches and searches need the whole split)."""
-        from datamodules.features import Split
-
+    def embed_split(self, source: Split | ImageSplit) -> Split:
+        """The embeddings of a split a head needs: a cached `Split` as it is (normalised), or an
+        `ImageSplit` embedded here with views pooled by `pool_views`. Every rank computes the same
+        (caches and searches need the whole split)."""
         if isinstance(source, Split):
             return Split(F.normalize(source.features.float(), dim=-1), source.labels, source.name)
         feats, labels = [], []
@@ -220,7 +266,7 @@ class AdapterModule(L.LightningModule):
                 labels.append(batch["label"].cpu())
         return Split(torch.cat(feats), torch.cat(labels), source.name)
 
-    # -- what a method implements ---------------------------------------------------------------------
+    # -- what a method may change ---------------------------------------------------------------------
     def adapt(self, features: torch.Tensor) -> torch.Tensor:
         """Adapted image embeddings (identity for methods that do not change the image side)."""
         return features
@@ -228,8 +274,60 @@ class AdapterModule(L.LightningModule):
     @property
     def adapts_features(self) -> bool:
         """Whether `adapt` changes image embeddings (then heads can run on the adapted features)."""
-        return type(self).adapt is not AdapterModule.adapt
+        return type(self).adapt is not BackboneModule.adapt
 
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """Embeddings for feature extraction (views pooled by `pool_views`, as Tip-Adapter)."""
+        return {"features": self.adapt(self.pooled_features(batch)), "label": batch["label"], "key": batch.get("key"),
+                "dataloader_idx": dataloader_idx}
+
+    # -- what a feature file written from this module holds (callbacks.feature_writer asks) -----------
+    def feature_file_extras(self) -> dict[str, torch.Tensor]:
+        """File-level tensors stored beside the features (e.g. a method's text set)."""
+        return {}
+
+    def feature_file_metadata(self) -> dict[str, str]:
+        """Metadata of the feature file: the backbone's identity, plus what the module adds."""
+        return {"backbone": self.hparams.backbone, "pretrained": self.hparams.pretrained or "none",
+                "dim": str(self.embed_dim)}
+
+
+class AdapterModule(BackboneModule):
+    """Base of the trained adapters (see the module docstring).
+
+    Args:
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        scheduler: ``"cosine"`` (over all training steps) or ``"constant"``.
+        **kwargs: `BackboneModule` arguments (num_classes, class_names, backbone, pretrained, ...).
+    """
+
+    method: ClassVar[str] = ""
+    #: Whether the method changes the image encoder itself (its `encode` gives adapted embeddings and
+    #: its ``predict_step`` writes original and adapted ones: the extractor's ``adapter`` option).
+    adapts_encoder: ClassVar[bool] = False
+
+    def __init__(self, num_classes: int, class_names: list[str] | None = None, backbone: str = TINY_MODEL,
+                 pretrained: str | None = None, cache_dir: str | None = None, embed_dim: int | None = None,
+                 dataset: str | None = None, templates: list[str] | None = None, lr: float = 1e-3,
+                 weight_decay: float = 0.01, scheduler: str = "cosine"):
+        super().__init__(num_classes, class_names, backbone, pretrained, cache_dir, embed_dim, dataset, templates)
+        if scheduler not in ("cosine", "constant"):
+            raise ConfigError(f"scheduler: must be 'cosine' or 'constant', got {scheduler!r}")
+        self.val_metrics = classification_metrics(num_classes, prefix="val/")
+        self.test_metrics = classification_metrics(num_classes, prefix="test/")
+        #: The data splits choices were made on at training time: "head" (the inference head's
+        #: hyper-parameters) and "weights" (e.g. an epoch chosen on val). Exported, so that no
+        #: evaluation scores the adapter on a split it was tuned on.
+        self.selection: dict[str, str | None] = {"head": None, "weights": None}
+
+    def feature_file_metadata(self) -> dict[str, str]:
+        meta = super().feature_file_metadata()
+        if self.adapts_encoder:  # the file's ``{split}.adapted`` rows come from this method's encoder
+            meta["adapter"] = self.method
+        return meta
+
+    # -- what a method implements ---------------------------------------------------------------------
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """Class logits [B, C] for original CLIP embeddings [B, D]."""
         raise NotImplementedError
@@ -262,9 +360,7 @@ class AdapterModule(L.LightningModule):
 
     def _evaluate(self, batch: dict, metrics) -> dict:
         """Update and log ``metrics``; return original and adapted embeddings (for the overlap callback)."""
-        features = self.image_features(batch)
-        if features.ndim == 3:
-            features = F.normalize(features.mean(1), dim=-1)
+        features = self.pooled_features(batch)
         metrics.update(self.logits(features), batch["label"])
         self.log_dict(metrics, on_epoch=True, batch_size=len(batch["label"]))
         return {"original": features, "adapted": self.adapt(features), "label": batch["label"]}
@@ -275,20 +371,12 @@ class AdapterModule(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> dict:
         return self._evaluate(batch, self.test_metrics)
 
-    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        """Adapted embeddings for feature extraction (views pooled by `pool_views`, as Tip-Adapter)."""
-        return {"features": self.adapt(self.pooled_features(batch)), "label": batch["label"], "key": batch.get("key"),
-                "dataloader_idx": dataloader_idx}
-
     def on_train_epoch_start(self) -> None:
-        dm = self.trainer.datamodule
-        if hasattr(dm, "set_epoch"):  # streaming data reshuffles shards per epoch
-            dm.set_epoch(self.current_epoch)
+        self.data.set_epoch(self.current_epoch)  # streamed data reshuffle shards per epoch
 
     def on_train_epoch_end(self) -> None:
-        skipped = getattr(self.trainer.datamodule, "corrupt_count", None)
-        if skipped is not None:
-            self.log("data/corrupt_skipped", float(skipped), sync_dist=True, reduce_fx="sum")
+        if self.data.takes_images:
+            self.log("data/corrupt_skipped", float(self.data.corrupt_count), sync_dist=True, reduce_fx="sum")
 
     def on_fit_end(self) -> None:
         self.finalize()
@@ -315,9 +403,8 @@ class AdapterModule(L.LightningModule):
         # `estimated_stepping_batches` (the cosine schedule) builds it before. This hook runs before
         # either, so hand the saved loader state to the DataModule, which applies it to its loader.
         loader_states = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader")
-        dm = self._trainer.datamodule if self._trainer is not None else None
-        if loader_states and hasattr(dm, "restore_loader_state"):
-            dm.restore_loader_state(loader_states[0])
+        if loader_states and self.data is not None:
+            self.data.restore_loader_state(loader_states[0])
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Training randomness (dropout, feature noise) is a function of (seed, rank, epoch, batch), not of
@@ -330,8 +417,13 @@ class AdapterModule(L.LightningModule):
         np.random.seed(seed)
 
     # -- export ---------------------------------------------------------------------------------------
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors an export holds: trained parameters and the buffers inference needs."""
+        return {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
+
     def export(self, directory: str | Path) -> Path:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (adapter tensors only)."""
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (adapter tensors only), as a
+        pair: both appear at once, or the previous export stays whole."""
         self.finalize()
         directory = Path(directory)
         hparams = {k: v for k, v in dict(self.hparams).items() if not k.startswith("_")}  # CLI-internal keys
@@ -343,9 +435,9 @@ class AdapterModule(L.LightningModule):
             "extra": self.export_config(), "versions": _versions(),
         }
         tensors = self.adapter_state_dict()
-        with atomic_path(directory / WEIGHTS_NAME) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "pt", "method": self.method})
-        atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, default=str))
+        with atomic_directory(directory) as tmp:
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "method": self.method})
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
         return directory
 
 
@@ -359,63 +451,3 @@ def _versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return out
-
-
-def load_adapter(path: str | Path, backbone: FrozenCLIP | None = None, map_location: str = "cpu") -> AdapterModule:
-    """Rebuild an exported adapter for inference (eval mode).
-
-    ``backbone``: an existing `FrozenCLIP` to use; by default the one named in the export is built when
-    first needed. A backbone or dimension mismatch is a `ConfigError`.
-    """
-    from adapters import register_builtin_methods
-
-    register_builtin_methods()
-    path = Path(path)
-    config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
-    if not config_path.is_file() or not weights_path.is_file():
-        raise UserError(f"{path}: not an adapter export (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-    try:
-        config = json.loads(config_path.read_text())
-        method, hparams = config["method"], dict(config["config"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"{config_path}: malformed adapter config ({e})") from None
-    if method not in ADAPTERS:
-        raise ConfigError(f"{config_path}: unknown adapter method {method!r} (known: {', '.join(sorted(ADAPTERS))})")
-    if backbone is not None:
-        if backbone.model_name != config["backbone"]:
-            raise ConfigError(f"backbone: {path} was trained on {config['backbone']}, got {backbone.model_name}")
-        if backbone.embed_dim != config["embed_dim"]:
-            raise ConfigError(f"backbone: {path} expects embed_dim {config['embed_dim']}, got {backbone.embed_dim}")
-    module = ADAPTERS[method](**hparams)
-    if backbone is not None:
-        module.use_backbone(backbone)
-    module.load_export_config(config.get("extra", {}))
-    module.selection.update(config.get("selected_on") or {})
-    state = load_file(str(weights_path), device=map_location)
-    _load_exported_state(module, state, path)
-    module.eval()
-    module.finalize()
-    return module
-
-
-def _load_exported_state(module: AdapterModule, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Load with strict key checking; buffers whose size depends on the data are resized first."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ConfigError(f"{path}: export does not fit {module.method} "
-                          f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
-    for name, tensor in state.items():
-        target = own[name]
-        if target.shape != tensor.shape:
-            owner, _, attr = name.rpartition(".")
-            sub = module.get_submodule(owner) if owner else module
-            if attr in sub._buffers:
-                sub._buffers[attr] = torch.empty_like(tensor)
-            elif attr in sub._parameters and target.numel() == 0:  # sized by the data at setup
-                sub._parameters[attr] = torch.nn.Parameter(torch.empty_like(tensor))
-            else:
-                raise ConfigError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, "
-                                  f"the model expects {tuple(target.shape)} (dimension mismatch)")
-    module.load_state_dict(state, strict=False)

@@ -20,11 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.base import AdapterModule, register_adapter
+from adapters.base import register_adapter
+from adapters.cached import TrainableCacheAdapter
 from adapters.errors import ConfigError
 from adapters.heads import CLIP_SCALE, FitData, Head, HeadSkipped, TipAdapterHead, register_head
 from adapters.protocol import canonical_dataset
-from adapters.textsets import KINDS, EmbeddedTextSet
+from adapters.stores import ExtractionStore, register_store
+from adapters.textsets import KINDS, EmbeddedTextSet, build_text_set
 
 #: Per-dataset gap thresholds of stage 2 (``utils.get_thres`` of the reference code).
 RERANK_TAU = {"imagenet": 0.1, "imagenet_v2": 0.05, "places365": 0.1, "caltech101": 0.3, "dtd": 0.6, "cub200": 0.2,
@@ -38,10 +40,35 @@ def coder_features(x: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tens
 
 
 def _text_set(data: FitData) -> EmbeddedTextSet:
-    text_set = data.extras.get("text_set")
+    text_set = EmbeddedTextSet.from_tensors(data.extras)
     if text_set is None:
-        raise HeadSkipped("needs a CODER text set in the feature file (extract with train.py predict)")
+        raise HeadSkipped("needs a CODER text set in the feature file (extract with store: {coder: {...}})")
     return text_set
+
+
+@register_store
+class CoderTextSetStore(ExtractionStore):
+    """CODER's text set, embedded by the backbone that embeds the images, stored as ``coder.*`` tensors.
+
+    The class names alone give one name text per class; the options add local files
+    (`adapters.textsets.build_text_set`: ``synonyms``, ``attributes``, ``analogous``, ``descriptions``,
+    ``one_to_one``; ``task``; ``analogous_threshold``). Stored by default.
+    """
+
+    name = "coder"
+    default = True
+
+    def __init__(self, **options):
+        self.options = options
+        self.text_set: EmbeddedTextSet | None = None
+
+    def setup(self, backbone, class_names, dataset) -> None:
+        if class_names and self.text_set is None:
+            texts = build_text_set(class_names, dataset, embed=backbone.encode_text, **self.options)
+            self.text_set = EmbeddedTextSet.from_text_set(texts, backbone.encode_text)
+
+    def file_tensors(self, backbone) -> dict[str, torch.Tensor]:
+        return {} if self.text_set is None else self.text_set.tensors()
 
 
 class CoderClassifier(nn.Module):
@@ -111,6 +138,8 @@ class CoderHead(Head):
     from the reference, or ``tau``)."""
 
     name = "coder"
+    original_only = True
+    reads = (EmbeddedTextSet.PREFIX,)
 
     def __init__(self, dataset: str | None = None, rerank: bool = True, tau: float | None = None):
         super().__init__(dataset)
@@ -147,6 +176,7 @@ class CoderAdapterHead(TipAdapterHead):
     [0.5, 1.5] x the best."""
 
     name = "coder_adapter"
+    reads = (EmbeddedTextSet.PREFIX,)
     wide_image_only_search = False  # the reference's own grid and refinements, with or without text
 
     def __init__(self, dataset: str | None = None, beta_max: float = 200.0, alpha_max: float = 20.0,
@@ -162,12 +192,6 @@ class CoderAdapterHead(TipAdapterHead):
     def _fit(self, data: FitData, keys: torch.Tensor | None = None) -> None:
         self.register_buffer("text_embeddings", _text_set(data).embeddings.float())
         super()._fit(data, keys)
-
-    def fit_keys(self, data: FitData, keys: torch.Tensor, hparams: dict | None = None) -> "CoderAdapterHead":
-        """Fit with given (e.g. fine-tuned) CODER keys instead of the training features' own."""
-        self._given = hparams
-        self._fit(data, keys=keys)
-        return self
 
     def affinity(self, x: torch.Tensor) -> torch.Tensor:
         return minmax_affinity(self.cache.affinity(coder_features(x, self.text_embeddings)))
@@ -193,11 +217,12 @@ class CoderAdapterHead(TipAdapterHead):
 
 
 @register_adapter
-class CoderAdapter(AdapterModule):
+class CoderAdapter(TrainableCacheAdapter):
     """Trainable CODER-Adapter: CODER cache keys fine-tuned with cross-entropy (Tip-Adapter-F style).
 
     alpha and beta stay at ``init_alpha``/``init_beta`` during training (as Tip-Adapter-F does), then are
-    searched on val (`CoderAdapterHead.search`). Needs a feature file with a CODER text set.
+    searched on val on the ``search_steps`` grid, without refinement rounds (`CoderAdapterHead`): *ours*,
+    the reference's CODER-Adapter is training-free. Needs a feature file with a CODER text set.
 
     Args:
         init_alpha: alpha during training.
@@ -210,79 +235,30 @@ class CoderAdapter(AdapterModule):
 
     def __init__(self, init_alpha: float = 1.0, init_beta: float = 1.0, search_steps: tuple[int, int] = (200, 20),
                  **kwargs):
-        super().__init__(**kwargs)
-        self.keys = nn.Parameter(torch.zeros(0, 0))
+        super().__init__(init_alpha=init_alpha, init_beta=init_beta, **kwargs)
         self.register_buffer("text_set_embeddings", torch.zeros(0, self.embed_dim))
-        self.register_buffer("train_labels", torch.zeros(0, dtype=torch.long))
-        self.head_hparams: dict | None = None
-        self._val = None
-        self.__dict__["_head"] = None  # derived, never a submodule (see DACAdapter)
 
     def setup(self, stage: str) -> None:
+        if not self.has_train_set:
+            text_set = EmbeddedTextSet.from_tensors(self.data.extras) if self.data is not None else None
+            if text_set is None:
+                raise ConfigError("data: CoderAdapter needs a feature file with a CODER text set "
+                                  "(train.py predict with store: {coder: {...}})")
+            self.text_set_embeddings = text_set.embeddings.float().to(self.device)
         super().setup(stage)
-        if self.keys.numel():  # restored from a checkpoint or an export
-            return
-        dm = self.trainer.datamodule
-        text_set = getattr(dm, "text_set", None)
-        if text_set is None:
-            raise ConfigError("data: CoderAdapter needs a feature file with a CODER text set (train.py predict)")
-        train, val = (None if s is None else self.embed_split(s) for s in dm.head_data())
-        self.text_set_embeddings = text_set.embeddings.float().to(self.device)
-        self.keys = nn.Parameter(coder_features(train.features, self.text_set_embeddings.cpu()).to(self.device))
-        self.train_labels = train.labels.to(self.device)
-        if val is not None:
-            self._val = (F.normalize(val.features.float(), dim=-1), val.labels)
-            self._val_name = val.name
 
-    def logits(self, features: torch.Tensor, alpha: float | None = None, beta: float | None = None) -> torch.Tensor:
-        if alpha is None and self.head is not None:
-            return self.head(features.cpu()).to(features.device)
-        alpha = self.hparams.init_alpha if alpha is None else alpha
-        beta = self.hparams.init_beta if beta is None else beta
-        affinity = minmax_affinity(coder_features(features, self.text_set_embeddings) @ self.keys.T)
-        cache = torch.exp(-beta * (1 - affinity)) @ F.one_hot(self.train_labels, self.hparams.num_classes).float()
-        if not self.has_text:
-            return cache
-        return CLIP_SCALE * F.normalize(features.float(), dim=-1) @ self.text_features.T + alpha * cache
+    def key_map(self, x: torch.Tensor) -> torch.Tensor:
+        return coder_features(x, self.text_set_embeddings)
 
-    def training_loss(self, features: torch.Tensor, labels: torch.Tensor):
-        if features.ndim == 3:
-            features = F.normalize(features.mean(1), dim=-1)
-        alpha, beta = self.hparams.init_alpha, self.hparams.init_beta
-        return F.cross_entropy(self.logits(features, alpha, beta), labels), {}
+    def affinity(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        return minmax_affinity(queries @ keys.T)
 
-    def _evaluate(self, batch, metrics) -> dict:
-        if self.head_hparams is None:
-            self.__dict__["_head"] = None  # during training: init alpha/beta on the current keys
-        return super()._evaluate(batch, metrics)
-
-    @property
-    def head(self) -> CoderAdapterHead | None:
-        return self.__dict__["_head"]
-
-    def finalize(self) -> None:
-        if not self.keys.numel():
-            return
-        text_set = EmbeddedTextSet(self.text_set_embeddings.cpu(), torch.zeros(0), torch.zeros(0),
-                                   torch.zeros(0, 2), torch.zeros(0, self.embed_dim))
-        val_x, val_y = self._val if self._val is not None and self.head_hparams is None else (None, None)
-        data = FitData(torch.zeros(len(self.train_labels), self.embed_dim), self.train_labels.cpu(),
-                       self.hparams.num_classes, text=self.text_features.cpu() if self.has_text else None,
-                       val_x=None if val_x is None else val_x.cpu(), val_y=None if val_y is None else val_y.cpu(),
-                       dataset=self.hparams.dataset, extras={"text_set": text_set})
+    def new_head(self) -> CoderAdapterHead:
         beta_steps, alpha_steps = self.hparams.search_steps
-        head = CoderAdapterHead(self.hparams.dataset, beta_steps=beta_steps, alpha_steps=alpha_steps, refinements=0,
+        return CoderAdapterHead(self.hparams.dataset, beta_steps=beta_steps, alpha_steps=alpha_steps, refinements=0,
                                 init_alpha=self.hparams.init_alpha, init_beta=self.hparams.init_beta)
-        given = self.head_hparams or (None if val_x is not None else
-                                      {"alpha": self.hparams.init_alpha, "beta": self.hparams.init_beta})
-        head.fit_keys(data, self.keys.detach().cpu(), hparams=given)
-        self.head_hparams = dict(head.hparams)
-        if head.searched:
-            self.selection["head"] = getattr(self, "_val_name", "val")
-        self.__dict__["_head"] = head
 
-    def export_config(self) -> dict:
-        return {"head_hparams": self.head_hparams}
-
-    def load_export_config(self, config: dict) -> None:
-        self.head_hparams = config.get("head_hparams")
+    def head_extras(self) -> dict:
+        empty = EmbeddedTextSet(self.text_set_embeddings.cpu(), torch.zeros(0), torch.zeros(0), torch.zeros(0, 2),
+                                torch.zeros(0, self.embed_dim))
+        return empty.tensors()

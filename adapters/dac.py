@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.base import AdapterModule, eval_mode, register_adapter
+from adapters.base import register_adapter
+from adapters.cached import CachedHeadAdapter
 from adapters.errors import ConfigError
-from adapters.heads import CLIP_SCALE, FitData, Head, build_head
+from adapters.heads import CLIP_SCALE, Head, build_head
 
 
 class ResidualAdapter(nn.Module):
@@ -87,7 +88,7 @@ def supervised_contrastive_loss(z: torch.Tensor, labels: torch.Tensor, z_all: to
 
 
 @register_adapter
-class DACAdapter(AdapterModule):
+class DACAdapter(CachedHeadAdapter):
     """DAC-style intra-modal contrastive adapter with text-embedding modulation (see the module docstring).
 
     Args:
@@ -125,25 +126,33 @@ class DACAdapter(AdapterModule):
         self.modulation = TextModulation(self.hparams.num_classes, self.embed_dim)
         # The few-shot set (original embeddings) becomes the cache of the inference head; exported.
         self.register_buffer("train_features", torch.zeros(0, self.embed_dim))
-        self.register_buffer("train_labels", torch.zeros(0, dtype=torch.long))
-        self._set_head(None)
-        self.head_hparams: dict | None = None
-        self._val: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    # -- data for the cache and the searches --------------------------------------------------------------
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if not self._train_text:
             self.modulation.requires_grad_(False)  # nothing to modulate: keep it out of the optimiser
-        dm = self.trainer.datamodule
-        if not hasattr(dm, "head_data"):
-            raise ConfigError(f"data: {type(dm).__name__} cannot provide the few-shot features DAC's cache needs")
-        train, val = (None if s is None else self.embed_split(s) for s in dm.head_data())
-        self.train_features = F.normalize(train.features.float(), dim=-1).to(self.device)
-        self.train_labels = train.labels.to(self.device)
-        if val is not None:
-            self._val = (F.normalize(val.features.float(), dim=-1).to(self.device), val.labels.to(self.device))
-            self._val_name = val.name
+
+    # -- the inference head (CachedHeadAdapter) -------------------------------------------------------------
+    def store_train(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        self.train_features = F.normalize(features.float(), dim=-1)
+
+    def new_head(self) -> Head:
+        return build_head(self.hparams.inference_head, dataset=self.hparams.dataset)
+
+    def head_train_x(self) -> torch.Tensor:
+        return self.adapter(self.train_features)
+
+    def head_text(self) -> torch.Tensor | None:
+        return self.modulated_text() if self.has_text else None
+
+    def head_query(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapter(x)
+
+    def text_query(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapter(x) if self.hparams.text_on_adapted else x
+
+    def export_config(self) -> dict:
+        return {"head": self.hparams.inference_head, **super().export_config()}
 
     # -- model ----------------------------------------------------------------------------------------------
     def adapt(self, features: torch.Tensor) -> torch.Tensor:
@@ -186,9 +195,9 @@ class DACAdapter(AdapterModule):
     def training_loss(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         stage = self._stage()
         extra, loss = {}, features.new_zeros(())
-        if features.ndim == 3:  # online: V augmented views per image
+        if features.ndim == 3:  # online: V augmented views per image; the text loss takes each view
             views = features
-            originals = F.normalize(features.mean(1), dim=-1)
+            originals = features.flatten(0, 1)
         else:
             originals = features
             views = features[:, None]
@@ -209,7 +218,8 @@ class DACAdapter(AdapterModule):
             extra["supcon"] = intra.detach()
         if stage in ("inter", "joint"):
             x = self.adapter(originals) if self.hparams.text_on_adapted else originals
-            inter = F.cross_entropy(CLIP_SCALE * x @ self.modulated_text().T, labels)
+            inter = F.cross_entropy(CLIP_SCALE * x @ self.modulated_text().T,
+                                    labels.repeat_interleave(len(originals) // len(labels)))
             loss = loss + (self.hparams.inter_weight if stage == "joint" else 1.0) * inter
             extra["text_ce"] = inter.detach()
         # DDP needs a gradient for every trainable parameter at every step: keep the part this stage
@@ -231,65 +241,3 @@ class DACAdapter(AdapterModule):
         # None, not zero: AdamW leaves parameters without a gradient alone (no momentum, no decay)
         for p in self._inactive_parameters(self._stage()):
             p.grad = None
-
-    # -- inference ------------------------------------------------------------------------------------------
-    @property
-    def head(self) -> Head | None:
-        return self.__dict__["_head"]
-
-    def _set_head(self, head: Head | None) -> None:
-        # Derived from the exported tensors and hyper-parameters: kept out of the module tree so that it
-        # never enters checkpoints or exports (nn.Module would register it as a submodule).
-        self.__dict__["_head"] = head
-
-    def _fit_head(self, search: bool) -> Head:
-        with torch.no_grad(), eval_mode(self.adapter):  # the cache keys must not depend on dropout
-            keys = self.adapter(self.train_features)
-            text = self.modulated_text().detach() if self.has_text else None
-            val_x = val_y = val_text_x = None
-            if search and self._val is not None:
-                val_text_x, val_y = self._val
-                val_x = self.adapter(val_text_x)
-                if self.hparams.text_on_adapted:
-                    val_text_x = val_x
-            data = FitData(keys.cpu(), self.train_labels.cpu(), self.hparams.num_classes,
-                           text=None if text is None else text.cpu(),
-                           val_x=None if val_x is None else val_x.cpu(), val_y=None if val_y is None else val_y.cpu(),
-                           dataset=self.hparams.dataset, val_text_x=None if val_text_x is None else val_text_x.cpu())
-            head = build_head(self.hparams.inference_head, dataset=self.hparams.dataset)
-            fixed = self.head_hparams if not search else None
-            if fixed is None and not search:
-                fixed = {"alpha": head.init_alpha, "beta": head.init_beta} if hasattr(head, "init_alpha") else {"alpha": 1.0}
-            return head.fit(data, hparams=fixed)
-
-    def on_validation_epoch_start(self) -> None:
-        if self.head_hparams is None:  # during training: the head at its default hyper-parameters
-            self._set_head(self._fit_head(search=False))
-
-    def finalize(self) -> None:
-        """Choose the head's hyper-parameters on val (once), after training."""
-        if self.train_features.numel() == 0:
-            return
-        if self.head_hparams is None:
-            self._set_head(self._fit_head(search=self._val is not None))
-            self.head_hparams = dict(self.head.hparams)
-            if self.head.searched:
-                self.selection["head"] = getattr(self, "_val_name", "val")
-        elif self.head is None:
-            self._set_head(self._fit_head(search=False))
-
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
-        if self.head is None:
-            self._set_head(self._fit_head(search=False))
-        features = F.normalize(features.float(), dim=-1)
-        with eval_mode(self.adapter):
-            adapted = self.adapter(features)
-        text_x = adapted if self.hparams.text_on_adapted else features
-        return self.head(adapted.cpu(), text_x=text_x.cpu()).to(features.device)
-
-    def export_config(self) -> dict:
-        return {"head": self.hparams.inference_head, "head_hparams": self.head_hparams}
-
-    def load_export_config(self, config: dict) -> None:
-        self.head_hparams = config.get("head_hparams")
-        self._set_head(None)

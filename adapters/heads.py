@@ -25,6 +25,7 @@ from torch import nn
 
 from adapters.errors import ConfigError
 from adapters.protocol import tip_search_config
+from adapters.stores import ExtractionStore, register_store
 
 #: CLIP's logit scale, applied to the zero-shot term only (as all reference codes do).
 CLIP_SCALE = 100.0
@@ -48,9 +49,10 @@ class FitData:
     #: Features for the zero-shot (text) term on val when they differ from ``val_x``: TA++ and DAC
     #: score the cache on adapted features but the text term on the original ones.
     val_text_x: torch.Tensor | None = None
-    #: Method-specific inputs from the feature file: ``text_set`` (CODER), ``image_projection``,
-    #: ``text_projection``, ``backbone``, ``pretrained`` (IsoCLIP).
+    #: File-level tensors a head declared it reads (`Head.reads`), by their full names in the file.
     extras: dict = field(default_factory=dict)
+    #: The feature file's metadata (``backbone``, ``pretrained``, ...).
+    metadata: dict = field(default_factory=dict)
     #: L2-normalise the features (post-projection embeddings); False for pre-projection features.
     normalize: bool = True
 
@@ -130,13 +132,26 @@ def first_best(acc: torch.Tensor) -> tuple[int, ...]:
 
 
 class Head(nn.Module):
-    """Base class of the training-free heads: ``fit`` on `FitData`, then ``forward(x) -> logits``."""
+    """Base class of the training-free heads: ``fit`` on `FitData`, then ``forward(x) -> logits``.
+
+    A head declares what it needs, and the evaluation pipeline asks (it never names a head):
+    `inputs`, `original_only`, `reads`, `needs_text`, `in_default_set`.
+    """
 
     name: ClassVar[str]
     #: Whether the head is meaningless without text features (it is then skipped).
     needs_text: ClassVar[bool] = False
-    #: The features the head takes: post-projection embeddings, or pre-projection ones (IsoCLIP).
+    #: The per-row features the head takes: ``"embeddings"`` (L2-normalised post-projection CLIP
+    #: embeddings) or the name of a per-row tensor stored at extraction (``"preproj"``), with
+    #: `inputs_hint` saying how to get it.
     inputs: ClassVar[str] = "embeddings"
+    inputs_hint: ClassVar[str] = ""
+    #: Only meaningful on the original CLIP features (not run on an adapter's adapted features).
+    original_only: ClassVar[bool] = False
+    #: Prefixes of the file-level tensors the head reads (e.g. ``("coder.",)``), passed in `FitData.extras`.
+    reads: ClassVar[tuple[str, ...]] = ()
+    #: Run by ``evaluate.py`` when ``--heads`` is not given.
+    in_default_set: ClassVar[bool] = True
 
     def __init__(self, dataset: str | None = None):
         super().__init__()
@@ -146,16 +161,21 @@ class Head(nn.Module):
         #: Whether hyper-parameters were chosen on the val data given to `fit` (records say so).
         self.searched = False
 
-    def fit(self, data: FitData, hparams: dict | None = None) -> "Head":
-        """Fit on ``data``; with ``hparams`` (e.g. restored from an export) no search is run."""
+    def fit(self, data: FitData, hparams: dict | None = None, **inputs) -> "Head":
+        """Fit on ``data``; with ``hparams`` (e.g. restored from an export) no search is run. ``inputs``
+        are head-specific (a cache head takes trained ``keys``)."""
         if self.needs_text and data.text is None:
             raise HeadSkipped(f"{self.name} needs text features (a zero-shot classifier); the file has none")
         self._given = dict(hparams) if hparams is not None else None
-        self._fit(data)
+        self._fit(data, **inputs)
         return self
 
     def _fit(self, data: FitData) -> None:
         raise NotImplementedError
+
+    def adapted_note(self, has_text: bool) -> str | None:
+        """What a record of this head on an adapter's adapted features should say (None: nothing)."""
+        return None
 
     def forward(self, x: torch.Tensor, text_x: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [M, C]; ``text_x`` are the features for the zero-shot term when they differ from ``x``."""
@@ -191,6 +211,7 @@ class ZeroShotHead(Head):
 
     name = "zeroshot"
     needs_text = True
+    original_only = True
 
     def _fit(self, data: FitData) -> None:
         self.register_buffer("text", data.text)
@@ -322,7 +343,13 @@ class TipAdapterHead(Head):
         """Cache-only logits are reported as the log of the cache term (see the class docstring)."""
         return self.text is None and self.wide_image_only_search
 
+    def adapted_note(self, has_text: bool) -> str | None:
+        return ("cache on adapted features, zero-shot term on the original ones" if has_text
+                else "cache on adapted features (image-only: no zero-shot term)")
+
     def _fit(self, data: FitData, keys: torch.Tensor | None = None) -> None:
+        """``keys``: trained cache keys [N, D] used as they are (Tip-Adapter-F, CODER-Adapter), rows in
+        ``data.train_y`` order; by default the keys are built from ``data.train_x``."""
         self.cache = CacheModel(self._cache_keys(data) if keys is None else keys, data.train_y, data.num_classes)
         self.register_buffer("text", data.text)
         self.alpha, self.beta = self.init_alpha, self.init_beta
@@ -505,18 +532,21 @@ class IsoCLIPHead(Head):
     ``k_top``/``k_bottom`` default to the authors' per-backbone values (§5.3)."""
 
     name = "isoclip"
-    inputs = "preprojection"
+    inputs = "preproj"
+    inputs_hint = "pre-projection features: extract with store: {isoclip: {}}"
+    original_only = True
+    reads = ("isoclip.",)
 
     def __init__(self, dataset: str | None = None, k_top: int | None = None, k_bottom: int | None = None):
         super().__init__(dataset)
         self.k_top, self.k_bottom = k_top, k_bottom
 
     def _fit(self, data: FitData) -> None:
-        ip, tp = data.extras.get("image_projection"), data.extras.get("text_projection")
+        ip, tp = data.extras.get("isoclip.image_projection"), data.extras.get("isoclip.text_projection")
         if ip is None or tp is None:
-            raise HeadSkipped("isoclip needs pre-projection features and projectors (extract with preprojection: true)")
+            raise HeadSkipped(f"isoclip needs pre-projection features and projectors ({self.inputs_hint})")
         rank = min(ip.shape[0], tp.shape[0], ip.shape[1])
-        k_top, k_bottom = isoclip_defaults(data.extras.get("backbone"), data.extras.get("pretrained"), rank)
+        k_top, k_bottom = isoclip_defaults(data.metadata.get("backbone"), data.metadata.get("pretrained"), rank)
         self.k_top = k_top if self.k_top is None else self.k_top
         self.k_bottom = k_bottom if self.k_bottom is None else self.k_bottom
         self.register_buffer("projector", isoclip_projector(ip.float(), tp.float(), self.k_top, self.k_bottom))
@@ -530,6 +560,22 @@ class IsoCLIPHead(Head):
 
     def forward(self, x: torch.Tensor, text_x: torch.Tensor | None = None) -> torch.Tensor:
         return CLIP_SCALE * self.transform(x) @ self.prototypes.T
+
+
+@register_store
+class IsoCLIPStore(ExtractionStore):
+    """What IsoCLIP needs from the extraction: pre-projection image features per sample (views averaged:
+    the projection is linear, so this equals pooling the embeddings) and both projector matrices."""
+
+    name = "isoclip"
+    uses_preprojection = True
+
+    def file_tensors(self, backbone) -> dict[str, torch.Tensor]:
+        return {"isoclip.image_projection": backbone.image_projection.detach().float(),
+                "isoclip.text_projection": backbone.text_projection.detach().float()}
+
+    def row_tensors(self, preprojection: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        return {"preproj": preprojection.mean(1)}
 
 
 # -- prototype mixing (a reading of the TAMP abstract, §6.3) ----------------------------------------------

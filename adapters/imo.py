@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import transforms as T
 
-from adapters.backbone import FrozenCLIP, register_model_configs
-from adapters.base import AdapterModule, register_adapter
+from adapters.backbone import FrozenCLIP, pool_views, register_model_configs
+from adapters.base import AdapterModule, derived, register_adapter
 from adapters.errors import ConfigError
 
 
@@ -69,6 +69,8 @@ class IMOAdapter(AdapterModule):
     """
 
     method = "imo"
+    adapts_encoder = True  # `encode` gives adapted embeddings; predict_step writes original and adapted
+    uses_text = False  # no zero-shot classifier: IMO's classes are the generic training set's
 
     def __init__(self, bottleneck: int = 64, scale: float = 0.03, dropout: float = 0.1,
                  loss: Literal["ce", "bce"] = "ce", clip_normalization: bool = True, grad_checkpointing: bool = False,
@@ -87,7 +89,7 @@ class IMOAdapter(AdapterModule):
                                       for _ in range(vision["layers"]))
         self.classifier = nn.Linear(self.embed_dim, self.hparams.num_classes)
         self.adapters_enabled = True
-        self.__dict__["_attached_to"] = None
+        derived(self, "_attached_to", None)
 
     # -- hooks ----------------------------------------------------------------------------------------
     @staticmethod
@@ -99,7 +101,7 @@ class IMOAdapter(AdapterModule):
     def encoder(self) -> FrozenCLIP:
         """The backbone, with this module's adapters hooked into its blocks."""
         backbone = self.backbone
-        if self.__dict__["_attached_to"] is not backbone:
+        if self._attached_to is not backbone:
             self._attach(backbone)
         return backbone
 
@@ -116,7 +118,7 @@ class IMOAdapter(AdapterModule):
             self._handles.append(block.ls_2.register_forward_hook(self._add(i)))
         if self.hparams.grad_checkpointing:
             backbone.model.visual.set_grad_checkpointing(True)
-        self.__dict__["_attached_to"] = backbone
+        derived(self, "_attached_to", backbone)
 
     def _capture(self, i: int):
         def hook(module, args):
@@ -164,14 +166,18 @@ class IMOAdapter(AdapterModule):
 
     # -- training -------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self.classifier(self.encode(batch["image"], normalize=False))
+        images, labels, targets = batch["image"], batch["label"], batch.get("targets")
+        if images.ndim == 5:  # several views of an image: each view is a training sample
+            views = images.shape[1]
+            images, labels = images.flatten(0, 1), labels.repeat_interleave(views)
+            targets = None if targets is None else targets.repeat_interleave(views, 0)
+        logits = self.classifier(self.encode(images, normalize=False))
         if self.hparams.loss == "bce":
-            targets = batch.get("targets")
             if targets is None:
                 raise ConfigError("loss: 'bce' needs multi-label shards (datamodules.openimages --label_policy multi)")
             loss = F.binary_cross_entropy_with_logits(logits, targets.float())
         else:
-            loss = F.cross_entropy(logits, batch["label"])
+            loss = F.cross_entropy(logits, labels)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
         return loss
 
@@ -186,16 +192,11 @@ class IMOAdapter(AdapterModule):
                 "label": batch["label"]}
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        """Original and adapted embeddings (views averaged unnormalised, then normalised)."""
+        """Original and adapted embeddings (views pooled by `pool_views`)."""
         images = batch["image"]
         views = images.shape[1] if images.ndim == 5 else 1
         flat = images.flatten(0, 1) if views > 1 else images
         out = {}
         for name, adapted in (("features", False), ("adapted", True)):
-            raw = self.encode(flat, adapted=adapted, normalize=False).view(len(batch["label"]), views, -1)
-            out[name] = F.normalize(raw.mean(1), dim=-1)
+            out[name] = pool_views(self.encode(flat, adapted=adapted, normalize=False).view(len(batch["label"]), views, -1))
         return {**out, "label": batch["label"], "key": batch.get("key"), "dataloader_idx": dataloader_idx}
-
-    def setup(self, stage: str) -> None:
-        # no zero-shot classifier: IMO's classes are the generic training set's
-        self._check_data(self.trainer.datamodule if self._trainer is not None else None)

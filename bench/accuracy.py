@@ -2,7 +2,7 @@
 
 For caltech101, oxford_flowers and fgvc (../shared/data/clip-vit-b32-features, OpenAI CLIP ViT-B/32)
 at 1, 4 and 16 shots (the files' fixed train_{K}shot subsets): the training-free heads that run on
-image-only features (prototype, Tip-Adapter cache, GDA), DAC trained with configs/dac/<dataset>.yaml
+image-only features (prototype, Tip-Adapter cache, GDA), DAC trained with configs/dac/default.yaml with configs/data/<dataset>.yaml
 (its own head, and GDA on its adapted features). Hyper-parameters on val, accuracy on test. The
 heads that need text (zero-shot, mixing, CODER, CODER-Adapter), pre-projection features (IsoCLIP) or
 images (IMO) cannot run on these files and are listed as such. Writes bench/accuracy.png.
@@ -41,7 +41,8 @@ def main() -> dict:
             path = DATA / f"{name}.safetensors"
             for k in SHOTS:
                 run = Path(tmp) / f"{name}-{k}"
-                if train.main(["fit", "--config", str(ROOT / f"configs/dac/{name}.yaml"), "--run_dir", str(run),
+                if train.main(["fit", "--config", str(ROOT / "configs/dac/default.yaml"), "--data",
+                               str(ROOT / f"configs/data/{name}.yaml"), "--run_dir", str(run),
                                "--data.init_args.path", str(path), "--data.init_args.shots", str(k)]):
                     sys.exit(2)
                 adapter = adapters.load_adapter(run / "adapter")

@@ -22,7 +22,8 @@ import torch
 from adapters.backbone import FrozenCLIP
 from adapters.dac import DACAdapter
 from bench import report
-from datamodules.features import FeatureDataModule, write_feature_file
+from datamodules.feature_file import write_feature_file
+from datamodules.features import FeatureDataModule
 from datamodules.images import ImageShardDataModule
 from datamodules.shards import from_folder, write_shards
 

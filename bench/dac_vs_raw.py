@@ -1,7 +1,7 @@
 """DAC-adapted vs raw CLIP features on the three real feature files (16-shot, image-only).
 
 For each of caltech101, oxford_flowers and fgvc (../shared/data/clip-vit-b32-features): train DAC with
-``configs/dac/<dataset>.yaml`` (20 epochs, the inference head's beta chosen on val), then score the
+``configs/dac/default.yaml with configs/data/<dataset>.yaml`` (20 epochs, the inference head's beta chosen on val), then score the
 prototype, Tip-Adapter (cache) and GDA heads on raw and on DAC-adapted features (hyper-parameters
 on val, accuracy on test), and the intra-modal overlap of the test features (200 bins on [-1, 1]).
 Prints a markdown table.
@@ -20,7 +20,7 @@ import adapters
 import evaluate
 import train
 from adapters.metrics import intra_modal_overlap
-from datamodules.features import FeatureFile
+from datamodules.feature_file import FeatureFile
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared/data/clip-vit-b32-features"
@@ -35,7 +35,8 @@ def main() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for name in DATASETS:
             run = Path(tmp) / name
-            if train.main(["fit", "--config", str(ROOT / f"configs/dac/{name}.yaml"), "--run_dir", str(run),
+            if train.main(["fit", "--config", str(ROOT / "configs/dac/default.yaml"), "--data",
+                               str(ROOT / f"configs/data/{name}.yaml"), "--run_dir", str(run),
                            "--data.init_args.path", str(DATA / f"{name}.safetensors")]):
                 sys.exit(2)
             adapter = adapters.load_adapter(run / "adapter")

@@ -30,7 +30,7 @@ def rss_mb():
 path, mode = sys.argv[1], sys.argv[2]
 import safetensors.torch
 from bench import report
-from datamodules.features import FeatureFile
+from datamodules.feature_file import FeatureFile
 before = rss_mb()
 start = time.perf_counter()
 if mode == "mmap":
@@ -56,7 +56,7 @@ def main() -> dict:
     p.add_argument("--sizes_mb", type=int, nargs="+", default=[64, 256, 1024])
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args()
-    from datamodules.features import write_feature_file
+    from datamodules.feature_file import write_feature_file
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from adapters.heads import CLIP_SCALE, FitData, TipAdapterHead, class_means
 from bench import report
-from datamodules.features import FeatureFile
+from datamodules.feature_file import FeatureFile
 
 DEFAULT_FILE = Path(__file__).resolve().parents[1].parent / "shared/data/clip-vit-b32-features/caltech101.safetensors"
 

@@ -49,7 +49,7 @@ from torch.utils.data import get_worker_info
 from adapters.errors import ConfigError, UserError
 from adapters.protocol import few_shot_indices
 from adapters.data import ImageSplit
-from datamodules.features import ResumableTrainLoader
+from datamodules.resumable import ResumableTrainLoader
 from datamodules.shards import IMAGE_KEYS, ShardSplit, label_of, load_split, read_manifest
 
 log = logging.getLogger(__name__)
@@ -250,11 +250,24 @@ def collate(samples: list[dict]) -> dict:
 
 
 # -- loaders ----------------------------------------------------------------------------------------
+class _EpochSetter:
+    """What Lightning takes for a sampler: it calls ``set_epoch`` before every epoch, resumed ones
+    included (where ``on_train_epoch_start`` does not run), before the loader is iterated."""
+
+    def __init__(self, datamodule: "ImageShardDataModule"):
+        self.datamodule = datamodule
+
+    def set_epoch(self, epoch: int) -> None:
+        self.datamodule.set_epoch(epoch)
+
+
 class ShardLoader:
     """A ``wds.WebLoader`` with a length Lightning reads and a ``state_dict`` for mid-epoch resume."""
 
     def __init__(self, loader: wds.WebLoader, length: int, datamodule: "ImageShardDataModule | None" = None):
         self.loader, self.length, self.datamodule = loader, length, datamodule
+        if datamodule is not None:  # the train loader: Lightning sets its epoch (see _EpochSetter)
+            self.sampler, self.batch_sampler = _EpochSetter(datamodule), None
 
     def __len__(self) -> int:
         return self.length
@@ -331,12 +344,24 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
                             for name in ("epoch", "skip", "skip_epoch", "corrupt")}
         return self._shared
 
+    # -- what the model asks for (adapters.base.AdapterData) ----------------------------------------------
+    #: Images need the model's transforms; they carry no feature dimension, metadata, text features or
+    #: file-level tensors (the model's backbone decides all of these).
+    takes_images = True
+    dim = None
+    text_features = None
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return {}
+
+    @property
+    def extras(self) -> dict:
+        return {}
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
-
-    #: Images carry no feature dimension: the model's backbone decides it.
-    dim = None
 
     @property
     def corrupt_count(self) -> int:
@@ -348,22 +373,19 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
         self.shared["epoch"].value = epoch
 
     def set_transforms(self, train: Callable, eval: Callable) -> None:
+        """The model's transforms (a method may train on its own, e.g. IMO without augmentation)."""
         self.train_transform, self.eval_transform = train, eval
+
+    def _transform(self, train: bool) -> Callable:
+        transform = self.train_transform if train else self.eval_transform
+        if transform is None:
+            raise ConfigError("ImageShardDataModule: no transforms (the model hands them over with set_transforms)")
+        return transform
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def setup(self, stage: str) -> None:
-        if self.train_transform is None:
-            module = self.trainer.lightning_module if self.trainer is not None else None
-            backbone = getattr(module, "backbone", None)
-            if backbone is None:
-                raise ConfigError("ImageShardDataModule: no transforms (call set_transforms, or train a model "
-                                  "with a `backbone`)")
-            # a model may train on its own transform (IMO: no augmentation, optional normalisation)
-            self.set_transforms(getattr(module, "train_transform", None) or backbone.train_transform,
-                                backbone.eval_transform)
 
     # -- few-shot selection ---------------------------------------------------------------------------
     def _split(self, name: str) -> ShardSplit:
@@ -458,7 +480,7 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
         per_worker = self.train_batches_per_worker(counts, world, workers)
         if self.trainer is not None:
             self.shared["epoch"].value = self.trainer.current_epoch
-        transform = self.train_transform if self.augment else self.eval_transform
+        transform = self._transform(train=self.augment)
         pipeline = self._pipeline(split, urls, train=True, keys=keys, transform=transform, views=self.train_views,
                                   batches=per_worker)
         loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=self.num_workers)
@@ -475,7 +497,7 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
             raise ConfigError(f"{self.shards}: split {split_name!r} has {len(urls)} shards for "
                               f"world_size {world}: every rank needs at least one")
         workers = max(1, min(self.num_workers, len(urls[rank::world])))
-        transform = self.train_transform if views > 1 else self.eval_transform
+        transform = self._transform(train=views > 1)
         pipeline = self._pipeline(split, urls, train=False, keys=keys, transform=transform, views=views,
                                   distributed=distributed)
         length = self._eval_length(counts, rank, world, workers)
@@ -496,8 +518,6 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
         """The (few-shot) training split, with ``views`` augmented views per image, and val, each whole and
         in this process alone (caches and hyper-parameter searches need whole sets): images for the
         model to embed (`AdapterModule.embed_split`, views pooled as Tip-Adapter builds its cache)."""
-        if self.train_transform is None:
-            raise ConfigError("ImageShardDataModule: no transforms (the model hands them over with set_transforms)")
         train = ImageSplit(self._eval_loader(self.train_split, self.views, distributed=False), self.train_split)
         val = ImageSplit(self._eval_loader(self.val_split, 1, distributed=False), self.val_split) if self.val_split else None
         return train, val

@@ -77,7 +77,7 @@ def test_coder_with_only_class_prompts_reduces_to_zero_shot_ranking():
     ts = build_text_set(NAMES, None)  # names only: one "a photo of {c}" text per class
     emb = _embedded(ts, embed)
     x = F.normalize(torch.randn(20, 16), dim=-1)
-    data = FitData(x, torch.arange(20) % 3, 3, text=emb.embeddings, extras={"text_set": emb})
+    data = FitData(x, torch.arange(20) % 3, 3, text=emb.embeddings, extras=emb.tensors())
     head = CoderHead(rerank=False).fit(data)
     torch.testing.assert_close(head(x), build_head("zeroshot").fit(data)(x))
 
@@ -130,7 +130,7 @@ def test_coder_adapter_head_uses_minmax_affinities_and_searches_on_val():
     centers = F.normalize(torch.randn(3, 16, generator=g), dim=-1)
     y = torch.arange(3).repeat(8)
     x = F.normalize(centers[y] + 0.3 * torch.randn(24, 16, generator=g), dim=-1)
-    data = FitData(x[:12], y[:12], 3, text=None, val_x=x[12:], val_y=y[12:], extras={"text_set": emb})
+    data = FitData(x[:12], y[:12], 3, text=None, val_x=x[12:], val_y=y[12:], extras=emb.tensors())
     head = CoderAdapterHead(beta_steps=20, alpha_steps=5, refinements=1).fit(data)
     assert set(head.hparams) == {"beta"}
     aff = head.affinity(x)
@@ -152,14 +152,14 @@ def test_isoclip_without_filtering_is_clips_projection(tiny_clip):
 def test_isoclip_head_defaults_and_classification(tiny_clip):
     pre = torch.randn(30, 64)
     y = torch.arange(30) % 3
-    extras = {"image_projection": tiny_clip.image_projection, "text_projection": tiny_clip.text_projection,
-              "backbone": TINY_MODEL, "pretrained": "none"}
-    head = IsoCLIPHead().fit(FitData(pre, y, 3, extras=extras, normalize=False))
+    extras = {"isoclip.image_projection": tiny_clip.image_projection, "isoclip.text_projection": tiny_clip.text_projection}
+    meta = {"backbone": TINY_MODEL, "pretrained": "none"}
+    head = IsoCLIPHead().fit(FitData(pre, y, 3, extras=extras, metadata=meta, normalize=False))
     assert head.hparams == {"k_top": 9, "k_bottom": 3}  # ViT-B/32's 150/50 of 512, scaled to rank 32
     assert head(pre).shape == (30, 3)
     # the authors' per-backbone values are looked up by (backbone, pretrained): ViT-B/32 openai is 150/50
     with pytest.raises(ConfigError, match=r"k_top \(150\) \+ k_bottom \(50\)"):
-        IsoCLIPHead().fit(FitData(pre, y, 3, extras={**extras, "backbone": "ViT-B-32", "pretrained": "openai"},
+        IsoCLIPHead().fit(FitData(pre, y, 3, extras=extras, metadata={"backbone": "ViT-B-32", "pretrained": "openai"},
                                   normalize=False))
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import evaluate
-from datamodules.features import write_feature_file
+from datamodules.feature_file import write_feature_file
 from tests.conftest import ROOT, shared
 
 # ../shared/data/README.md: 16-shot, image-only, hyper-parameters on val, test accuracy (%).

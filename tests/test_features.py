@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from adapters.errors import ConfigError, FeatureFileError
-from datamodules.features import MANIFEST, MANIFEST_FORMAT, FeatureFile, write_feature_file
+from datamodules.feature_file import MANIFEST, MANIFEST_FORMAT, FeatureFile, write_feature_file
 
 
 def _splits(n=40, d=8, c=4, seed=0):

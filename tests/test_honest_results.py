@@ -20,8 +20,9 @@ from adapters.dac import DACAdapter
 from adapters.heads import FitData, TipAdapterHead
 from adapters.metrics import intra_modal_overlap
 from adapters.textsets import EmbeddedTextSet
-from datamodules.features import FeatureDataModule, FeatureFile, write_feature_file
-from tests.conftest import ROOT, shared, tiny_checkpoint
+from datamodules.feature_file import FeatureFile, write_feature_file
+from datamodules.features import FeatureDataModule
+from tests.conftest import CODER_DEMO, DAC, DAC_DEMO, ROOT, data_config, shared
 
 
 # -- 1. CODER's one-to-one reranking with sparse pairs -------------------------------------------------
@@ -114,7 +115,7 @@ def _val_only_file(path, seed=0):
 
 
 def _fit_dac(run_dir, features, *extra):
-    return train.main(["fit", "--config", str(ROOT / "configs/dac/demo.yaml"), "--run_dir", str(run_dir),
+    return train.main(["fit", *DAC_DEMO, "--data", "configs/data/demo.yaml", "--run_dir", str(run_dir),
                        "--data.init_args.path", str(features), "--data.init_args.shots", "4",
                        "--data.init_args.test_split", "null", "--trainer.max_epochs", "2",
                        "--model.init_args.embed_dim", "16", *extra])
@@ -140,28 +141,12 @@ def test_no_record_is_scored_on_the_split_its_choices_were_made_on(tmp_path):
 
 
 # -- 4. train.py test on the last checkpoint scores exactly what the export scores ----------------------
-@pytest.fixture(scope="module")
-def extracted(tmp_path_factory):
-    from tests.helpers import make_shards
-
-    root = tmp_path_factory.mktemp("honest")
-    shards = make_shards(root, per_class=10, max_count=10, fractions={"train": 0.6, "val": 0.2, "test": 0.2})
-    weights = tiny_checkpoint(root / "tiny.pt")
-    assert train.main(["predict", "--config", str(ROOT / "configs/extract.yaml"), "--run_dir", str(root / "run"),
-                       "--data.init_args.shards", str(shards), "--data.init_args.num_workers", "0",
-                       "--model.init_args.pretrained", str(weights),
-                       "--data.init_args.predict_splits", "[train,val,test]", "--data.init_args.views", "2"]) == 0
-    return shards, root / "run" / "features", weights
-
-
-@pytest.mark.parametrize("config", ["configs/dac/demo.yaml", "configs/coder/demo.yaml"])
+@pytest.mark.parametrize("config", [DAC_DEMO, CODER_DEMO], ids=["dac", "coder_adapter"])
 def test_test_on_the_last_checkpoint_equals_the_export(config, tmp_path, extracted):
-    data = ["--data.init_args.path", str(extracted[1]), "--data.init_args.shots", "4",
-            "--model.init_args.pretrained", str(extracted[2])]
-    assert train.main(["fit", "--config", str(ROOT / config), "--run_dir", str(tmp_path), *data,
-                       "--trainer.max_epochs", "3"]) == 0
-    assert train.main(["test", "--config", str(ROOT / config), "--run_dir", str(tmp_path), *data,
-                       "--ckpt_path", "last"]) == 0
+    data = ["--data", "configs/data/demo.yaml", "--data.init_args.path", str(extracted[1]), "--data.init_args.shots",
+            "4", "--model.init_args.pretrained", str(extracted[2])]
+    assert train.main(["fit", *config, "--run_dir", str(tmp_path), *data, "--trainer.max_epochs", "3"]) == 0
+    assert train.main(["test", *config, "--run_dir", str(tmp_path), *data, "--ckpt_path", "last"]) == 0
     tested = json.loads((tmp_path / "test" / "metrics.json").read_text())["metrics"]["test/acc1"]
     out = tmp_path / "r.json"
     assert evaluate.main(["--features", str(extracted[1]), "--shots", "4", "--heads", "prototype",
@@ -172,9 +157,9 @@ def test_test_on_the_last_checkpoint_equals_the_export(config, tmp_path, extract
 
 def test_dac_test_on_real_features_equals_the_export(tmp_path):
     path = shared("clip-vit-b32-features/oxford_flowers.safetensors")
-    config = str(ROOT / "configs/dac/oxford_flowers.yaml")
-    assert train.main(["fit", "--config", config, "--run_dir", str(tmp_path), "--trainer.max_epochs", "2"]) == 0
-    assert train.main(["test", "--config", config, "--run_dir", str(tmp_path), "--ckpt_path", "last"]) == 0
+    config = [*DAC, *data_config("oxford_flowers")]
+    assert train.main(["fit", *config, "--run_dir", str(tmp_path), "--trainer.max_epochs", "2"]) == 0
+    assert train.main(["test", *config, "--run_dir", str(tmp_path), "--ckpt_path", "last"]) == 0
     tested = json.loads((tmp_path / "test" / "metrics.json").read_text())["metrics"]["test/acc1"]
     records = evaluate.evaluate_file(str(path), ["prototype"], [16], [1], [adapters.load_adapter(tmp_path / "adapter")],
                                      [str(tmp_path / "adapter")])

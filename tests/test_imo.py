@@ -109,7 +109,8 @@ def test_openimages_positive_labels_and_policies(oi_shards, tmp_path):
 def test_imo_fit_export_and_ta_plus_plus(oi_shards, tmp_path):
     root, _ = oi_shards
     run = tmp_path / "imo"
-    assert train.main(["fit", "--config", str(ROOT / "configs/imo/demo.yaml"), "--run_dir", str(run),
+    assert train.main(["fit", "--config", str(ROOT / "configs/imo/demo.yaml"), "--data", "configs/data/openimages.yaml",
+                       "--data.init_args.batch_size", "16", "--data.init_args.num_workers", "0", "--run_dir", str(run),
                        "--data.init_args.shards", str(root / "shards"), "--trainer.max_epochs", "2"]) == 0
     assert (run / "overlap.png").is_file() and (run / "overlap-epoch001.png").is_file()
     tensors = load_file(str(run / "adapter" / WEIGHTS_NAME))
@@ -137,7 +138,9 @@ def test_imo_fit_export_and_ta_plus_plus(oi_shards, tmp_path):
 @pytest.mark.timeout(300)
 def test_two_process_ddp_imo_fit(oi_shards, tmp_path):
     root, _ = oi_shards
-    result = subprocess.run([sys.executable, "train.py", "fit", "--config", "configs/imo/demo.yaml", "--run_dir",
+    result = subprocess.run([sys.executable, "train.py", "fit", "--config", "configs/imo/demo.yaml", "--data",
+                             "configs/data/openimages.yaml", "--data.init_args.batch_size", "16",
+                             "--data.init_args.num_workers", "0", "--run_dir",
                              str(tmp_path), "--data.init_args.shards", str(root / "shards"), "--trainer.devices", "2",
                              "--trainer.strategy", "ddp"], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]

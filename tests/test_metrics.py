@@ -2,7 +2,7 @@ import torch
 import torch.nn.functional as F
 
 from adapters.metrics import classification_metrics, score
-from datamodules.features import FeatureFile
+from datamodules.feature_file import FeatureFile
 from tests.conftest import shared
 
 

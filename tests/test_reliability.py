@@ -18,12 +18,12 @@ from safetensors.torch import load_file, save_file
 import adapters
 from adapters.base import WEIGHTS_NAME
 from adapters.errors import UserError
-from datamodules.features import FeatureFile, write_feature_file
+from datamodules.feature_file import FeatureFile, write_feature_file
 from datamodules.images import ImageShardDataModule
-from tests.conftest import ROOT, shared
+from tests.conftest import DAC, ROOT, shared
 from tests.helpers import TRANSFORM, make_shards
 
-FIT = ["fit", "--config", "configs/dac/caltech101.yaml", "--trainer.max_epochs", "6", "--checkpoint_every_n_steps", "2",
+FIT = ["fit", *DAC, "--data", "configs/data/caltech101.yaml", "--trainer.max_epochs", "6", "--checkpoint_every_n_steps", "2",
        "--model.init_args.feature_noise", "0.05", "--model.init_args.dropout", "0.1"]
 
 
@@ -290,7 +290,7 @@ def test_fuzz_shards(tmp_path):
 ])
 def test_config_errors_are_one_line_and_exit_2(args, message):
     shared("clip-vit-b32-features/caltech101.safetensors")
-    result = subprocess.run([sys.executable, "train.py", "fit", "--config", "configs/dac/caltech101.yaml",
+    result = subprocess.run([sys.executable, "train.py", "fit", *DAC, "--data", "configs/data/caltech101.yaml",
                              "--run_dir", str(Path("/tmp") / f"reliability-run-{os.getpid()}"), *args], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
@@ -300,7 +300,7 @@ def test_config_errors_are_one_line_and_exit_2(args, message):
 
 def test_class_count_and_backbone_mismatches_are_one_line_exit_2(tmp_path):
     shared("clip-vit-b32-features/oxford_flowers.safetensors")
-    assert subprocess.run([sys.executable, "train.py", "fit", "--config", "configs/dac/caltech101.yaml", "--run_dir",
+    assert subprocess.run([sys.executable, "train.py", "fit", *DAC, "--data", "configs/data/caltech101.yaml", "--run_dir",
                            str(tmp_path), "--trainer.fast_dev_run", "true"], cwd=ROOT, capture_output=True,
                           timeout=120).returncode == 0
     flowers = str(ROOT.parent / "shared/data/clip-vit-b32-features/oxford_flowers.safetensors")
