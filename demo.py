@@ -18,8 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-import evaluate
-import train
+from clip_adapters import evaluate, train
 from datamodules import shards
 from datamodules.synthetic import make_image_folder
 

@@ -11,8 +11,8 @@ import ctypes
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 def _fsync_dir(path: Path) -> None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import open_clip
 import torch
@@ -106,7 +106,7 @@ class FrozenCLIP(nn.Module):
         self.model.eval()
 
     # -- frozen by construction ------------------------------------------------------------------
-    def train(self, mode: bool = True) -> "FrozenCLIP":
+    def train(self, mode: bool = True) -> FrozenCLIP:
         """Ignore ``mode``: the backbone is always in eval mode (no dropout, fixed norm statistics)."""
         return super().train(False)
 

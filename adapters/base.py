@@ -26,8 +26,9 @@ import random
 import sys
 import warnings
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import lightning as L
 import numpy as np
@@ -47,10 +48,10 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
 
-ADAPTERS: dict[str, type["AdapterModule"]] = {}
+ADAPTERS: dict[str, type[AdapterModule]] = {}
 
 
-def register_adapter(cls: type["AdapterModule"]) -> type["AdapterModule"]:
+def register_adapter(cls: type[AdapterModule]) -> type[AdapterModule]:
     """Class decorator: make an adapter method loadable by name from its export."""
     ADAPTERS[cls.method] = cls
     return cls

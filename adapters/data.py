@@ -6,8 +6,8 @@ itself (`AdapterModule.embed_split`). The data side never calls the model.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import torch
 
@@ -28,7 +28,7 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, index: torch.Tensor, name: str | None = None) -> "Split":
+    def subset(self, index: torch.Tensor, name: str | None = None) -> Split:
         return Split(self.features[index], self.labels[index], name or self.name,
                      {k: v[index] for k, v in self.extra.items()})
 

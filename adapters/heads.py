@@ -74,16 +74,16 @@ class FitData:
         return self.val_x is not None and len(self.val_x) > 0
 
 
-HEADS: dict[str, type["Head"]] = {}
+HEADS: dict[str, type[Head]] = {}
 
 
-def register_head(cls: type["Head"]) -> type["Head"]:
+def register_head(cls: type[Head]) -> type[Head]:
     """Class decorator: make a head available by its ``name`` to `build_head` and ``evaluate.py``."""
     HEADS[cls.name] = cls
     return cls
 
 
-def build_head(name: str, **config) -> "Head":
+def build_head(name: str, **config) -> Head:
     """Instantiate a registered head by name; unknown names are a `ConfigError` listing the known ones."""
     if name not in HEADS:
         raise ConfigError(f"heads: unknown head {name!r} (known: {', '.join(sorted(HEADS))})")
@@ -161,7 +161,7 @@ class Head(nn.Module):
         #: Whether hyper-parameters were chosen on the val data given to `fit` (records say so).
         self.searched = False
 
-    def fit(self, data: FitData, hparams: dict | None = None, **inputs) -> "Head":
+    def fit(self, data: FitData, hparams: dict | None = None, **inputs) -> Head:
         """Fit on ``data``; with ``hparams`` (e.g. restored from an export) no search is run. ``inputs``
         are head-specific (a cache head takes trained ``keys``)."""
         if self.needs_text and data.text is None:

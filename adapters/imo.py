@@ -105,6 +105,9 @@ class IMOAdapter(AdapterModule):
             self._attach(backbone)
         return backbone
 
+    def _attach_once(self) -> None:
+        _ = self.encoder
+
     def _attach(self, backbone: FrozenCLIP) -> None:
         for handle in getattr(self, "_handles", []):
             handle.remove()
@@ -137,7 +140,7 @@ class IMOAdapter(AdapterModule):
         self._attach(backbone)
 
     def on_fit_start(self) -> None:
-        self.encoder  # attach before DDP or the first step
+        self._attach_once()  # before DDP or the first step
 
     # -- features -------------------------------------------------------------------------------------
     @property

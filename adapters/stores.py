@@ -26,16 +26,16 @@ from adapters.errors import ConfigError
 if TYPE_CHECKING:
     from adapters.backbone import FrozenCLIP
 
-STORES: dict[str, type["ExtractionStore"]] = {}
+STORES: dict[str, type[ExtractionStore]] = {}
 
 
-def register_store(cls: type["ExtractionStore"]) -> type["ExtractionStore"]:
+def register_store(cls: type[ExtractionStore]) -> type[ExtractionStore]:
     """Class decorator: make a store available by ``name`` to the extractor's ``store`` option."""
     STORES[cls.name] = cls
     return cls
 
 
-def build_stores(options: dict[str, dict] | None) -> list["ExtractionStore"]:
+def build_stores(options: dict[str, dict] | None) -> list[ExtractionStore]:
     """The stores named in ``options`` (name -> keyword arguments); None: every store with ``default``."""
     if options is None:
         return [cls() for cls in STORES.values() if cls.default]
@@ -56,10 +56,10 @@ class ExtractionStore:
     #: projects them itself: one pass through the encoder, not two).
     uses_preprojection: ClassVar[bool] = False
 
-    def setup(self, backbone: "FrozenCLIP", class_names: list[str] | None, dataset: str | None) -> None:
+    def setup(self, backbone: FrozenCLIP, class_names: list[str] | None, dataset: str | None) -> None:
         """Prepare from the backbone and the class names (e.g. embed a text set), once per run."""
 
-    def file_tensors(self, backbone: "FrozenCLIP") -> dict[str, torch.Tensor]:
+    def file_tensors(self, backbone: FrozenCLIP) -> dict[str, torch.Tensor]:
         """Tensors stored once per file, each named with this store's prefix (``<name>.<what>``)."""
         return {}
 

@@ -17,9 +17,9 @@ ViT-L/14, here the backbone being evaluated). How to produce the files with an L
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -208,7 +208,7 @@ class EmbeddedTextSet:
     PREFIX = "coder."
 
     @classmethod
-    def from_text_set(cls, text_set: TextSet, embed: Callable[[list[str]], torch.Tensor]) -> "EmbeddedTextSet":
+    def from_text_set(cls, text_set: TextSet, embed: Callable[[list[str]], torch.Tensor]) -> EmbeddedTextSet:
         emb = F.normalize(embed(text_set.texts).float(), dim=-1)
         pairs, means = [], []
         for (c1, c2), texts in sorted(text_set.ovo.items()):
@@ -224,7 +224,7 @@ class EmbeddedTextSet:
         return {f"{self.PREFIX}{k}": getattr(self, k) for k in ("embeddings", "classes", "kinds", "ovo_pairs", "ovo_means")}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "EmbeddedTextSet | None":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> EmbeddedTextSet | None:
         keys = ("embeddings", "classes", "kinds", "ovo_pairs", "ovo_means")
         if f"{cls.PREFIX}embeddings" not in tensors:
             return None

@@ -38,7 +38,7 @@ BENCHMARKS = [
 def run(name: str, args: list[str]) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
         start = time.monotonic()
-        result = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), *args, "--json", tmp.name],
+        result = subprocess.run([sys.executable, "-m", f"bench.{name}", *args, "--json", tmp.name],
                                 cwd=ROOT, capture_output=True, text=True)
         if result.returncode != 0:
             raise SystemExit(f"bench/{name}.py failed:\n{result.stderr[-3000:]}")

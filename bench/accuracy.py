@@ -2,12 +2,12 @@
 
 For caltech101, oxford_flowers and fgvc (../shared/data/clip-vit-b32-features, OpenAI CLIP ViT-B/32)
 at 1, 4 and 16 shots (the files' fixed train_{K}shot subsets): the training-free heads that run on
-image-only features (prototype, Tip-Adapter cache, GDA), DAC trained with configs/dac/default.yaml with configs/data/<dataset>.yaml
-(its own head, and GDA on its adapted features). Hyper-parameters on val, accuracy on test. The
+image-only features (prototype, Tip-Adapter cache, GDA), DAC trained with configs/dac/default.yaml and
+configs/data/<dataset>.yaml (its own head, and GDA on its adapted features). Hyper-parameters on val, accuracy on test. The
 heads that need text (zero-shot, mixing, CODER, CODER-Adapter), pre-projection features (IsoCLIP) or
 images (IMO) cannot run on these files and are listed as such. Writes bench/accuracy.png.
 
-    python bench/accuracy.py
+    python -m bench.accuracy
 """
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ import tempfile
 from pathlib import Path
 
 import adapters
-import evaluate
-import train
+from clip_adapters import evaluate, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared/data/clip-vit-b32-features"
@@ -58,7 +57,7 @@ def main() -> dict:
             table.append(f"| {name} | {method} | " + " | ".join(f"{acc[(name, method, k)]:.2f}" for k in SHOTS) + " |")
     out = {"name": "test accuracy vs shots (%), OpenAI CLIP ViT-B/32 features, image-only",
            "accuracy": {f"{d}/{m}/{k}": v for (d, m, k), v in acc.items()}, "not_applicable": NOT_APPLICABLE,
-           "table": "\n".join(table), "plot": args.plot, "command": "python bench/accuracy.py"}
+           "table": "\n".join(table), "plot": args.plot, "command": "python -m bench.accuracy"}
     print(out["table"])
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))

@@ -6,7 +6,7 @@ online, `ImageShardDataModule` streams the images and every step runs the frozen
 speed does not depend on them), epochs, batch size and optimiser; only the time inside training
 epochs is counted (a callback), not start-up. Prints seconds per epoch of both and their ratio.
 
-    python bench/cached_vs_online.py [--model ViT-B-32] [--epochs 2]
+    python -m bench.cached_vs_online [--model ViT-B-32] [--epochs 2]
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-import torch
 
 from adapters.backbone import FrozenCLIP
 from adapters.dac import DACAdapter
@@ -92,7 +91,7 @@ def main() -> dict:
                    f"{args.model}, CPU",
            "online_s_per_epoch": round(online_s, 3), "online_samples_per_epoch": online_n,
            "cached_s_per_epoch": round(cached_s, 4), "cached_samples_per_epoch": min(cached_n, len(train)),
-           "ratio": round(ratio, 1), "command": "python bench/cached_vs_online.py"}
+           "ratio": round(ratio, 1), "command": "python -m bench.cached_vs_online"}
     return report(out, args.json)
 
 

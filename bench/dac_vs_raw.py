@@ -6,7 +6,7 @@ prototype, Tip-Adapter (cache) and GDA heads on raw and on DAC-adapted features 
 on val, accuracy on test), and the intra-modal overlap of the test features (200 bins on [-1, 1]).
 Prints a markdown table.
 
-    python bench/dac_vs_raw.py
+    python -m bench.dac_vs_raw
 """
 from __future__ import annotations
 
@@ -17,9 +17,8 @@ import tempfile
 from pathlib import Path
 
 import adapters
-import evaluate
-import train
 from adapters.metrics import intra_modal_overlap
+from clip_adapters import evaluate, train
 from datamodules.feature_file import FeatureFile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +54,7 @@ def main() -> dict:
                      f"{r['tip+dac']:.2f} | {r['gda']:.2f} / {r['gda+dac']:.2f} | {r['dac (adapter)']:.2f} "
                      f"| {r['overlap_raw']:.3f} / {r['overlap_dac']:.3f} |")
     out = {"name": "DAC-adapted vs raw features, 16-shot, image-only", "rows": rows, "table": "\n".join(table),
-           "command": "python bench/dac_vs_raw.py"}
+           "command": "python -m bench.dac_vs_raw"}
     print(out["table"])
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))

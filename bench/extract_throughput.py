@@ -7,7 +7,7 @@ at the same batch size. Both use ViT-B-32 with random weights (throughput does n
 over ../shared/data/imagenet-sample-images (1,000 real full-size JPEGs). Prints images/s of both and
 their ratio (1.0 means the data pipeline costs nothing).
 
-    python bench/extract_throughput.py [--model ViT-B-32] [--workers 2] [--images 320]
+    python -m bench.extract_throughput [--model ViT-B-32] [--workers 2] [--images 320]
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def main() -> dict:
                    f"{len(files)} ImageNet JPEGs, {args.device}",
            "full_pipeline_images_per_s": round(full, 1), "bare_encoder_images_per_s": round(bare, 1),
            "images_per_s_per_worker": round(full / max(1, args.workers), 1),
-           "ratio": round(full / bare, 3), "command": "python bench/extract_throughput.py"}
+           "ratio": round(full / bare, 3), "command": "python -m bench.extract_throughput"}
     return report(out, args.json)
 
 

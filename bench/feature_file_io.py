@@ -2,12 +2,12 @@
 
 For each size, a synthetic feature file is written once; then, each in a fresh process, (a) the
 memory-mapped reader opens it and gathers a 4,096-row random batch, and (b) the whole file is read
-into memory (``safetensors.torch.load(path.read_bytes())``) and the same batch gathered. Reported: open+gather time and the anonymous resident
-memory the read adds (``RssAnon``: memory the process owns; the file-backed pages a mapping touches
-are page cache the kernel can drop, so RSS would overstate them). With memory mapping the memory must
-not grow with the file size.
+into memory (``safetensors.torch.load(path.read_bytes())``) and the same batch gathered. Reported:
+open+gather time and the anonymous resident memory the read adds (``RssAnon``: memory the process
+owns; the file-backed pages a mapping touches are page cache the kernel can drop, so RSS would
+overstate them). With memory mapping the memory must not grow with the file size.
 
-    python bench/feature_file_io.py [--sizes_mb 64 256 1024]
+    python -m bench.feature_file_io [--sizes_mb 64 256 1024]
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def main() -> dict:
            "rows": rows, "ratio": round(largest["full_anon_mb"] / max(largest["mmap_anon_mb"], 1.0), 1),
            "ratio_meaning": f"memory added by a full read / by a memory-mapped read at {largest['size_mb']} MB",
            "mmap_memory_growth_mb": round(rows[-1]["mmap_anon_mb"] - rows[0]["mmap_anon_mb"], 1),
-           "command": "python bench/feature_file_io.py"}
+           "command": "python -m bench.feature_file_io"}
     return report(out, args.json)
 
 

@@ -6,7 +6,7 @@ adds per step (Lightning loop, logging, hooks), not data loading. ViT-B-32 with 
 batch 16 by default on CPU; on a GPU pass ``--model ViT-B-16 --batch_size 128 --precision bf16-mixed``
 and the script also prints images/s and peak GPU memory.
 
-    python bench/imo_step.py [--model ViT-B-32] [--batch_size 16] [--steps 6]
+    python -m bench.imo_step [--model ViT-B-32] [--batch_size 16] [--steps 6]
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def main() -> dict:
 
     # plain PyTorch: the same module's forward pieces, a hand-written loop
     model = build().to(device)
-    model.encoder  # attach the adapter hooks
+    _ = model.encoder  # attach the adapter hooks
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=8e-3)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.precision.startswith("bf16"))
     for i, batch in enumerate(batches):
@@ -90,7 +90,7 @@ def main() -> dict:
     lightning_ips = args.steps * args.batch_size / (timer.end - timer.start)
     out = {"name": f"IMO training step, {args.model}, batch {args.batch_size}, {args.precision}, {device}",
            "lightning_images_per_s": round(lightning_ips, 2), "plain_pytorch_images_per_s": round(plain_ips, 2),
-           "ratio": round(lightning_ips / plain_ips, 3), "command": "python bench/imo_step.py"}
+           "ratio": round(lightning_ips / plain_ips, 3), "command": "python -m bench.imo_step"}
     if memory is not None:
         out["peak_gpu_memory_gib_plain"] = round(memory, 2)
     return report(out, args.json)

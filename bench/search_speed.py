@@ -5,7 +5,7 @@ grid. The text classifier is synthetic (class prototypes plus noise; the shared 
 text) so that the alpha axis is searched too. The looped search is timed on the first
 ``--loop_betas`` betas (x 20 alphas) and scaled to the full grid; the ratio is printed.
 
-    python bench/search_speed.py
+    python -m bench.search_speed
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def main() -> dict:
     out = {
         "name": "alpha/beta search, 200x20 grid, caltech101 16-shot val",
         "vectorised_s": round(vec, 3), "looped_s_extrapolated": round(looped, 2),
-        "ratio": round(looped / vec, 1), "command": "python bench/search_speed.py",
+        "ratio": round(looped / vec, 1), "command": "python -m bench.search_speed",
     }
     print(f"vectorised search: {vec:.3f} s for {len(betas) * len(alphas)} points; "
           f"reference double loop: {looped:.1f} s (timed on {args.loop_betas * len(alphas)} points, scaled) "

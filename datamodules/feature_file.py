@@ -29,8 +29,8 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch

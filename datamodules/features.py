@@ -43,7 +43,7 @@ class EpochSampler(torch.utils.data.DistributedSampler):
 class _ResumableLoader(torch.utils.data.DataLoader):
     """A DataLoader that Lightning saves and restores with the checkpoint (mid-epoch resume)."""
 
-    datamodule: "FeatureDataModule"
+    datamodule: FeatureDataModule
 
     def state_dict(self) -> dict:
         trainer = self.datamodule.trainer

@@ -36,9 +36,10 @@ import multiprocessing as mp
 import random
 import sys
 import zlib
+from collections.abc import Callable, Sequence
 from functools import partial
 from itertools import islice
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import lightning as L
 import torch
@@ -46,9 +47,9 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import get_worker_info
 
+from adapters.data import ImageSplit
 from adapters.errors import ConfigError, UserError
 from adapters.protocol import few_shot_indices
-from adapters.data import ImageSplit
 from datamodules.resumable import ResumableTrainLoader
 from datamodules.shards import IMAGE_KEYS, ShardSplit, label_of, load_split, read_manifest
 
@@ -254,7 +255,7 @@ class _EpochSetter:
     """What Lightning takes for a sampler: it calls ``set_epoch`` before every epoch, resumed ones
     included (where ``on_train_epoch_start`` does not run), before the loader is iterated."""
 
-    def __init__(self, datamodule: "ImageShardDataModule"):
+    def __init__(self, datamodule: ImageShardDataModule):
         self.datamodule = datamodule
 
     def set_epoch(self, epoch: int) -> None:
@@ -264,7 +265,7 @@ class _EpochSetter:
 class ShardLoader:
     """A ``wds.WebLoader`` with a length Lightning reads and a ``state_dict`` for mid-epoch resume."""
 
-    def __init__(self, loader: wds.WebLoader, length: int, datamodule: "ImageShardDataModule | None" = None):
+    def __init__(self, loader: wds.WebLoader, length: int, datamodule: ImageShardDataModule | None = None):
         self.loader, self.length, self.datamodule = loader, length, datamodule
         if datamodule is not None:  # the train loader: Lightning sets its epoch (see _EpochSetter)
             self.sampler, self.batch_sampler = _EpochSetter(datamodule), None

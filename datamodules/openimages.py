@@ -27,8 +27,8 @@ import csv
 import random
 import sys
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from adapters.errors import ConfigError, UserError
 from datamodules.shards import Record, write_shards
@@ -84,15 +84,15 @@ def build_records(labels: dict[str, list[str]], classes: dict[str, str], images:
     labels = {i: ls for i, ls in labels.items() if i in present}
     if not labels:
         raise ConfigError(f"{images}: none of the labelled ImageIDs has a <ImageID>.jpg here")
-    frequency = Counter(l for ls in labels.values() for l in set(ls))
-    names = sorted(l for l, n in frequency.items() if n >= min_images)
-    index = {l: i for i, l in enumerate(names)}
+    frequency = Counter(name for names in labels.values() for name in set(names))
+    names = sorted(name for name, n in frequency.items() if n >= min_images)
+    index = {name: i for i, name in enumerate(names)}
     rng = random.Random(seed)
     by_class: dict[int, list[str]] = defaultdict(list)
     for image_id in sorted(labels):
-        kept = [l for l in dict.fromkeys(labels[image_id]) if l in index]
+        kept = [name for name in dict.fromkeys(labels[image_id]) if name in index]
         if kept:
-            primary = min(kept, key=lambda l: (frequency[l], l))  # rarest class first
+            primary = min(kept, key=lambda name: (frequency[name], name))  # rarest class first
             by_class[index[primary]].append(image_id)
     chosen: list[tuple[str, int]] = []
     for label in sorted(by_class):
@@ -106,8 +106,8 @@ def build_records(labels: dict[str, list[str]], classes: dict[str, str], images:
     for k, (image_id, label) in enumerate(chosen):
         path = present[image_id]
         records.append(Record(path, label, "val" if k < n_val else "train"))
-        multi[str(path)] = sorted({index[l] for l in labels[image_id] if l in index}, key=lambda y: (y != label, y))
-    return records, [classes[l] for l in names], (multi if label_policy == "multi" else {})
+        multi[str(path)] = sorted({index[n] for n in labels[image_id] if n in index}, key=lambda y: (y != label, y))
+    return records, [classes[name] for name in names], (multi if label_policy == "multi" else {})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

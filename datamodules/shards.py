@@ -30,9 +30,9 @@ import random
 import sys
 import tarfile
 import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import webdataset as wds
 
@@ -359,7 +359,7 @@ class ShardSplit:
         keys, labels, shards = [], [], []
         try:
             with open(self.index_file) as f:
-                for n, line in enumerate(f, 1):
+                for line in f:
                     key, label, shard = line.rstrip("\n").split("\t")
                     keys.append(key)
                     labels.append(int(label))

@@ -38,7 +38,7 @@ def shared(relative: str) -> Path:
 
 def train_cli(*args, run_dir=None) -> int:
     """``train.py`` in this process (fast; exceptions propagate): returns its exit status."""
-    import train
+    from clip_adapters import train
 
     return train.main([str(a) for a in args] + ([] if run_dir is None else ["--run_dir", str(run_dir)]))
 

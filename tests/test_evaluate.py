@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import evaluate
+from clip_adapters import evaluate
 from datamodules.feature_file import write_feature_file
 from tests.conftest import ROOT, shared
 

@@ -6,8 +6,16 @@ import torch
 import torch.nn.functional as F
 
 from adapters.errors import ConfigError
-from adapters.heads import (CLIP_SCALE, FitData, GDAHead, HeadSkipped, TipAdapterHead, build_head, ks_precision,
-                            mixing_accuracy)
+from adapters.heads import (
+    CLIP_SCALE,
+    FitData,
+    GDAHead,
+    HeadSkipped,
+    TipAdapterHead,
+    build_head,
+    ks_precision,
+    mixing_accuracy,
+)
 
 
 def _toy(n_per_class=10, c=5, d=16, seed=0, text=True):
@@ -109,7 +117,8 @@ def test_gda_equals_closed_form_lda_with_the_ks_precision():
     got = torch.tensor(test, dtype=torch.float32) @ head.weight.T + head.bias
     torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float32), atol=1e-4, rtol=1e-4)
     # and its decisions follow the Bayes rule of the true Gaussians (the shrinkage is negligible at this N)
-    bayes = test @ (np.linalg.inv(cov) @ (mu[1] - mu[0])) - 0.5 * (mu[1] @ np.linalg.inv(cov) @ mu[1] - mu[0] @ np.linalg.inv(cov) @ mu[0])
+    inv = np.linalg.inv(cov)
+    bayes = test @ (inv @ (mu[1] - mu[0])) - 0.5 * (mu[1] @ inv @ mu[1] - mu[0] @ inv @ mu[0])
     agree = ((got[:, 1] > got[:, 0]).numpy() == (bayes > 0)).mean()
     assert agree > 0.97
 

@@ -12,14 +12,13 @@ import torch
 import torch.nn.functional as F
 
 import adapters
-import evaluate
-import train
 from adapters.backbone import TINY_MODEL
 from adapters.coder import CoderClassifier
 from adapters.dac import DACAdapter
 from adapters.heads import FitData, TipAdapterHead
 from adapters.metrics import intra_modal_overlap
 from adapters.textsets import EmbeddedTextSet
+from clip_adapters import evaluate, train
 from datamodules.feature_file import FeatureFile, write_feature_file
 from datamodules.features import FeatureDataModule
 from tests.conftest import CODER_DEMO, DAC, DAC_DEMO, ROOT, data_config, shared
@@ -283,7 +282,8 @@ def test_an_adapter_of_another_dataset_is_refused_unless_allowed(tmp_path):
     other = _text_file(tmp_path / "other.safetensors", seed=1)
     meta = dict(FeatureFile(other).metadata)
     other = write_feature_file(tmp_path / "other.safetensors",
-                               {s: (FeatureFile(other).features(s), FeatureFile(other).labels(s)) for s in ("train", "val", "test")},
+                               {s: (FeatureFile(other).features(s), FeatureFile(other).labels(s))
+                                for s in ("train", "val", "test")},
                                metadata={"dataset": "flowers", "backbone": meta["backbone"]}, class_names=list("wxyz"))
     args = ["--features", str(other), "--shots", "2", "--heads", "prototype", "--adapter", str(tmp_path / "export"),
             "--output", str(tmp_path / "r.json")]

@@ -9,13 +9,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import adapters
-import evaluate
-import train
 from adapters.base import WEIGHTS_NAME
 from adapters.errors import ConfigError
 from adapters.imo import IMOAdapter
 from adapters.metrics import intra_modal_overlap
 from callbacks.overlap import save_overlap_plot
+from clip_adapters import evaluate, train
 from datamodules import openimages
 from tests.conftest import ROOT
 from tests.helpers import make_openimages, make_shards

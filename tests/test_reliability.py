@@ -64,7 +64,8 @@ def test_sigkill_at_random_steps_then_resume_equals_an_uninterrupted_run(tmp_pat
     run = tmp_path / "killed"
     kills = _kill_repeatedly(FIT, run, 3, random.Random(0), max_delay=1.5)
     assert _train(*FIT, "--run_dir", str(run), "--ckpt_path", "last").wait(300) == 0
-    print(f"\n[reliability] SIGKILLed runs: {kills} of 3; resumed export identical: {_same_exports(tmp_path / 'whole' / 'adapter', run / 'adapter')}")
+    identical = _same_exports(tmp_path / "whole" / "adapter", run / "adapter")
+    print(f"\n[reliability] SIGKILLed runs: {kills} of 3; resumed export identical: {identical}")
     assert kills >= 1
     assert _same_exports(tmp_path / "whole" / "adapter", run / "adapter")
 
@@ -120,7 +121,7 @@ else:
     st.save_file = save_file
     import adapters.base as base
     base.save_file = save_file
-import train
+from clip_adapters import train
 sys.exit(train.main(sys.argv[3:]))
 """
 
@@ -294,7 +295,7 @@ def test_config_errors_are_one_line_and_exit_2(args, message):
                              "--run_dir", str(Path("/tmp") / f"reliability-run-{os.getpid()}"), *args], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    lines = [l for l in result.stderr.strip().splitlines() if l.strip() and not l.startswith("Seed set")]
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip() and not line.startswith("Seed set")]
     assert len(lines) == 1 and message in lines[0], result.stderr[-800:]
 
 
