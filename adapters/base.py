@@ -299,6 +299,7 @@ class AdapterModule(BackboneModule):
     Args:
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
+        eps: AdamW epsilon (Tip-Adapter-F uses 1e-4).
         scheduler: ``"cosine"`` (over all training steps) or ``"constant"``.
         **kwargs: `BackboneModule` arguments (num_classes, class_names, backbone, pretrained, ...).
     """
@@ -311,7 +312,7 @@ class AdapterModule(BackboneModule):
     def __init__(self, num_classes: int, class_names: list[str] | None = None, backbone: str = TINY_MODEL,
                  pretrained: str | None = None, cache_dir: str | None = None, embed_dim: int | None = None,
                  dataset: str | None = None, templates: list[str] | None = None, lr: float = 1e-3,
-                 weight_decay: float = 0.01, scheduler: str = "cosine"):
+                 weight_decay: float = 0.01, eps: float = 1e-8, scheduler: str = "cosine"):
         super().__init__(num_classes, class_names, backbone, pretrained, cache_dir, embed_dim, dataset, templates)
         if scheduler not in ("cosine", "constant"):
             raise ConfigError(f"scheduler: must be 'cosine' or 'constant', got {scheduler!r}")
@@ -384,7 +385,8 @@ class AdapterModule(BackboneModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
+                                      eps=self.hparams.eps)
         if self.hparams.scheduler == "constant":
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))

@@ -32,6 +32,15 @@ from adapters.textsets import KINDS, EmbeddedTextSet, build_text_set
 RERANK_TAU = {"imagenet": 0.1, "imagenet_v2": 0.05, "places365": 0.1, "caltech101": 0.3, "dtd": 0.6, "cub200": 0.2,
               "eurosat": 0.3, "food101": 0.1, "oxford_pets": 0.1}
 _NS = (KINDS.index("name"), KINDS.index("syno"))
+#: CODER-Adapter's text kinds (the reference's ``['name', 'att', 'ana']``: no synonyms, descriptions or
+#: one-to-one texts in its CODER vectors).
+ADAPTER_KINDS = tuple(KINDS.index(k) for k in ("name", "att", "ana"))
+
+
+def adapter_texts(text_set: EmbeddedTextSet) -> torch.Tensor:
+    """The text embeddings CODER-Adapter builds its vectors from (`ADAPTER_KINDS`), [M', D]."""
+    keep = torch.isin(text_set.kinds, torch.tensor(ADAPTER_KINDS))
+    return text_set.embeddings[keep].float()
 
 
 def coder_features(x: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
@@ -171,7 +180,8 @@ def minmax_affinity(affinity: torch.Tensor) -> torch.Tensor:
 @register_head
 class CoderAdapterHead(TipAdapterHead):
     """Training-free CODER-Adapter: Tip-Adapter with CODER vectors as keys and queries and per-query
-    min-max normalised affinities: ``100 x W^T + alpha * exp(-beta (1 - minmax(phi(x) K^T))) L``.
+    min-max normalised affinities: ``100 x W^T + alpha * exp(-beta (1 - minmax(phi(x) K^T))) L``, the
+    vectors over the name, attribute and analogous-class texts (`ADAPTER_KINDS`, as the reference).
     Searched on val over the reference's 500 x 50 grid, then ``refinements`` rounds over
     [0.5, 1.5] x the best."""
 
@@ -190,7 +200,7 @@ class CoderAdapterHead(TipAdapterHead):
         return coder_features(data.train_x, self.text_embeddings)
 
     def _fit(self, data: FitData, keys: torch.Tensor | None = None) -> None:
-        self.register_buffer("text_embeddings", _text_set(data).embeddings.float())
+        self.register_buffer("text_embeddings", adapter_texts(_text_set(data)))
         super()._fit(data, keys)
 
     def affinity(self, x: torch.Tensor) -> torch.Tensor:
@@ -244,7 +254,7 @@ class CoderAdapter(TrainableCacheAdapter):
             if text_set is None:
                 raise ConfigError("data: CoderAdapter needs a feature file with a CODER text set "
                                   "(train.py predict with store: {coder: {...}})")
-            self.text_set_embeddings = text_set.embeddings.float().to(self.device)
+            self.text_set_embeddings = adapter_texts(text_set).to(self.device)
         super().setup(stage)
 
     def key_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -259,6 +269,7 @@ class CoderAdapter(TrainableCacheAdapter):
                                 init_alpha=self.hparams.init_alpha, init_beta=self.hparams.init_beta)
 
     def head_extras(self) -> dict:
-        empty = EmbeddedTextSet(self.text_set_embeddings.cpu(), torch.zeros(0), torch.zeros(0), torch.zeros(0, 2),
-                                torch.zeros(0, self.embed_dim))
-        return empty.tensors()
+        kinds = torch.full((len(self.text_set_embeddings),), ADAPTER_KINDS[0])  # already the adapter's texts
+        texts = EmbeddedTextSet(self.text_set_embeddings.cpu(), torch.zeros(len(kinds), dtype=torch.long), kinds,
+                                torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, self.embed_dim))
+        return texts.tensors()

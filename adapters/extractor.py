@@ -6,6 +6,12 @@ with their ``views`` augmented views pooled, the Tip-Adapter cache recipe) and t
 classifier of the class names, plus what the enabled extraction stores add (`adapters.stores`:
 each method declares what it needs stored; ``store: {name: {options}}`` enables them).
 
+With ``view_rows: true``, every augmented view of a training image is also kept as its own
+L2-normalised row: ``{split}.views`` [N, V, D] (image key = the sample's key, view index = the second
+axis) and ``{split}.view_norms`` [N, V] (the raw embeddings' norms, so that `pool_views` recomputes
+the pooled row exactly). ``{split}.features`` stays the pooled row, so every reader of the old layout
+reads these files unchanged; heads that fit on views (GDA) take the rows.
+
 With ``adapter: DIR`` (an exported adapter that changes the image encoder) it writes the original
 embeddings and the adapted ones (``{split}.adapted``): ``evaluate.py`` then runs every head on both.
 Stores that need per-sample tensors of the plain encoder are not computed then.
@@ -13,6 +19,7 @@ Stores that need per-sample tensors of the plain encoder are not computed then.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from adapters.backbone import pool_views
 from adapters.base import BackboneModule, derived
@@ -26,12 +33,14 @@ class FeatureExtractor(BackboneModule):
     Args:
         store: extraction stores to enable, ``{name: {option: value}}`` (`adapters.stores.STORES`);
             None: the stores on by default.
+        view_rows: also keep each augmented view of a training image as its own row (see above).
         adapter: an exported image-encoder adapter whose adapted embeddings are written beside the
             original ones.
         **kwargs: `BackboneModule` arguments (backbone, pretrained, class names ...).
     """
 
-    def __init__(self, store: dict[str, dict] | None = None, adapter: str | None = None, **kwargs):
+    def __init__(self, store: dict[str, dict] | None = None, adapter: str | None = None, view_rows: bool = False,
+                 **kwargs):
         super().__init__(**kwargs)
         from adapters.loading import register_builtin_methods
 
@@ -75,15 +84,19 @@ class FeatureExtractor(BackboneModule):
         if self.encoder is not None:  # original and adapted embeddings
             return self.encoder.predict_step(batch, batch_idx, dataloader_idx)
         rows = self._row_stores
-        if not rows:
-            return super().predict_step(batch, batch_idx, dataloader_idx)
         images = batch["image"]
         views = images.shape[1] if images.ndim == 5 else 1
-        pre = self.backbone.encode_image_preprojection(images.flatten(0, 1) if views > 1 else images).float()
-        pre = pre.view(len(batch["label"]), views, -1)
-        # one pass through the encoder: the projection of the pre-projection features is the embedding
-        out = {"features": pool_views(pre @ self.backbone.image_projection.float()), "label": batch["label"],
-               "key": batch.get("key"), "dataloader_idx": dataloader_idx}
+        flat = images.flatten(0, 1) if views > 1 else images
+        pre = None
+        if rows:  # one pass through the encoder: the projection of the pre-projection features is the embedding
+            pre = self.backbone.encode_image_preprojection(flat).float().view(len(batch["label"]), views, -1)
+            raw = pre @ self.backbone.image_projection.float()
+        else:
+            raw = self.encode(flat, normalize=False).view(len(batch["label"]), views, -1)
+        out = {"features": pool_views(raw), "label": batch["label"], "key": batch.get("key"),
+               "dataloader_idx": dataloader_idx}
+        if self.hparams.view_rows and views > 1:
+            out["views"], out["view_norms"] = F.normalize(raw, dim=-1).half(), raw.norm(dim=-1)
         for store in rows:
             out.update(store.row_tensors(pre))
         return out

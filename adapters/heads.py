@@ -53,6 +53,12 @@ class FitData:
     extras: dict = field(default_factory=dict)
     #: The feature file's metadata (``backbone``, ``pretrained``, ...).
     metadata: dict = field(default_factory=dict)
+    #: Every augmented view of each training image as its own row, [N, V, D] (``train_x`` holds the
+    #: per-image pooled rows): what heads whose reference fits on views take (`Head.fits_on_views`).
+    train_views: torch.Tensor | None = None
+    #: Features for the zero-shot (text) term of the training rows when they differ from ``train_x``
+    #: (Tip-X's cache-side text distributions on adapted features).
+    train_text_x: torch.Tensor | None = None
     #: L2-normalise the features (post-projection embeddings); False for pre-projection features.
     normalize: bool = True
 
@@ -60,6 +66,9 @@ class FitData:
         norm = (lambda t: F.normalize(t.float(), dim=-1)) if self.normalize else (lambda t: t.float())
         self.train_x = norm(self.train_x)
         self.train_y = self.train_y.long()
+        if self.train_views is not None:
+            self.train_views = norm(self.train_views)
+        self.train_text_x = self.train_x if self.train_text_x is None else F.normalize(self.train_text_x.float(), dim=-1)
         if self.text is not None:
             if self.text.shape[0] != self.num_classes:
                 raise ConfigError(f"text features: {self.text.shape[0]} classes but the data has {self.num_classes}")
@@ -152,6 +161,8 @@ class Head(nn.Module):
     reads: ClassVar[tuple[str, ...]] = ()
     #: Run by ``evaluate.py`` when ``--heads`` is not given.
     in_default_set: ClassVar[bool] = True
+    #: Fits on every augmented view as its own row when the data has them (`FitData.train_views`).
+    fits_on_views: ClassVar[bool] = False
 
     def __init__(self, dataset: str | None = None):
         super().__init__()
@@ -245,6 +256,7 @@ class CacheModel(nn.Module):
     def __init__(self, keys: torch.Tensor, labels: torch.Tensor, num_classes: int):
         super().__init__()
         order = torch.argsort(labels, stable=True)
+        self.register_buffer("order", order)  # key j of the cache is row order[j] of the inputs
         self.register_buffer("keys", keys[order])
         self.register_buffer("labels", labels[order].long())
         self.num_classes = num_classes
@@ -270,7 +282,10 @@ class CacheModel(nn.Module):
             weights = beta * centred
         else:
             weights = torch.mul(beta, centred, out=buffer[: beta.shape[0]] if beta.ndim > affinity.ndim else buffer)
-        weights.exp_()
+        return self.class_sum(weights.exp_())
+
+    def class_sum(self, weights: torch.Tensor) -> torch.Tensor:
+        """``weights @ L``: per-query weights of the keys [..., M, N] summed per class, [..., M, C]."""
         if self.shots_per_class:
             return weights.unflatten(-1, (self.num_classes, self.shots_per_class)).sum(-1)
         out = torch.zeros(weights.shape[:-1] + (self.num_classes,), dtype=weights.dtype)
@@ -436,9 +451,13 @@ class GaussianHead(Head):
     def _fit_gaussian(self, data: FitData) -> torch.Tensor:
         """Register ``weight`` [C, D] = means @ P and ``bias`` [C] of the LDA rule with the KS precision P
         (the identity when there is no within-class scatter: nearest class mean), and ``text``; returns
-        the class means."""
-        means = class_means(data.train_x, data.train_y, data.num_classes)
-        precision = ks_precision(data.train_x, data.train_y, means)
+        the class means. With `fits_on_views` and view rows in the data, every view is a sample."""
+        x, y = data.train_x, data.train_y
+        if self.fits_on_views and data.train_views is not None:
+            x, y = data.train_views.flatten(0, 1), data.train_y.repeat_interleave(data.train_views.shape[1])
+            self.notes.append(f"fit on {data.train_views.shape[1]} views per image as samples ({len(x)} rows)")
+        means = class_means(x, y, data.num_classes)
+        precision = ks_precision(x, y, means)
         if precision is None:
             self.notes.append("one sample per class: no covariance, identity used (nearest class mean)")
         weight = means if precision is None else means @ precision
@@ -459,6 +478,7 @@ class GDAHead(GaussianHead):
     """
 
     name = "gda"
+    fits_on_views = True  # the reference fits on all augment_epoch views of each image (N = 10 K C)
     ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
     def __init__(self, dataset: str | None = None, alphas: tuple[float, ...] = ALPHAS):
@@ -575,7 +595,7 @@ class IsoCLIPStore(ExtractionStore):
                 "isoclip.text_projection": backbone.text_projection.detach().float()}
 
     def row_tensors(self, preprojection: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        return {"preproj": preprojection.mean(1)}
+        return {"preproj": preprojection.mean(1).half()}
 
 
 # -- prototype mixing (a reading of the TAMP abstract, §6.3) ----------------------------------------------

@@ -35,6 +35,7 @@ from torchvision import transforms as T
 from adapters.backbone import FrozenCLIP, pool_views, register_model_configs
 from adapters.base import AdapterModule, derived, register_adapter
 from adapters.errors import ConfigError
+from adapters.heads import FitData, TipAdapterHead, first_best, mixing_accuracy, register_head
 
 
 class ParallelAdapter(nn.Module):
@@ -202,4 +203,114 @@ class IMOAdapter(AdapterModule):
         out = {}
         for name, adapted in (("features", False), ("adapted", True)):
             out[name] = pool_views(self.encode(flat, adapted=adapted, normalize=False).view(len(batch["label"]), views, -1))
+        out["adapted"] = out["adapted"].half()  # stored as the features are
         return {**out, "label": batch["label"], "key": batch.get("key"), "dataloader_idx": dataloader_idx}
+
+
+# -- IMO's own evaluation protocol (methods-dac-imo.md §2.5): heads evaluate.py runs ---------------------
+#: IMO's grids: alpha in linspace(0, 20, 200), beta in linspace(0, 20, 20), gamma in linspace(0, 30, 50).
+IMO_ALPHAS = (0.0, 20.0, 200)
+IMO_BETAS = (0.0, 20.0, 20)
+IMO_GAMMAS = (0.0, 30.0, 50)
+#: Temperature of Tip-X's image-to-text class distributions (softmax of cosines / 0.5).
+TIPX_TEMPERATURE = 0.5
+
+
+def _linspace(spec: tuple[float, float, int]) -> torch.Tensor:
+    return torch.linspace(spec[0], spec[1], int(spec[2]))
+
+
+@register_head
+class TipIMOGridHead(TipAdapterHead):
+    """TA / TA++ as IMO's evaluation searches them: Tip-Adapter's logits with alpha and beta on IMO's
+    grid (``linspace(0, 20, 200)`` x ``linspace(0, 20, 20)``, zero included, beta outer, first best on
+    val) instead of Tip-Adapter's per-dataset one. On an IMO extraction's adapted features (the
+    ``tip_imo+imo`` row) the cache is on adapted features and the zero-shot term on the original ones:
+    TA++. Without text only beta matters (cache only), on the same grid."""
+
+    name = "tip_imo"
+    in_default_set = False  # IMO's protocol: ask for it with --heads
+    wide_image_only_search = False  # IMO's grid, with or without text
+
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return _linspace(IMO_BETAS), _linspace(IMO_ALPHAS)
+
+
+def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``KL(p_i || q_j)`` for every pair of rows: [M, C] x [N, C] -> [M, N] (all rows: the reference's loop
+    leaves the last ``M mod 100`` rows at 0, a bug not reproduced)."""
+    return (p * p.log()).sum(-1, keepdim=True) - p @ q.log().T
+
+
+def rescale_into(values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Min-max rescale ``values`` into ``[target.min(), target.max()]`` (over the whole matrix, as SuS-X's
+    ``scale_``)."""
+    lo, hi = values.min(), values.max()
+    unit = (values - lo) / (hi - lo).clamp_min(1e-12)
+    return unit * (target.max() - target.min()) + target.min()
+
+
+@register_head
+class TipXHead(TipAdapterHead):
+    """Tip-X (SuS-X), as IMO evaluates it: ``100 f W^T + gamma * (-KL~) L + alpha * exp(-beta (1 - A)) L``.
+
+    ``A`` = query-key affinities (on adapted features for Tip-X++); ``KL(p || q)`` compares the query's
+    and each cache image's image-to-text class distributions (softmax of cosines to the class text
+    embeddings / 0.5), always from the *original* features, and is rescaled into the range of ``A``
+    over the split (the reference's ``scale_``: a query's logits therefore depend on the split it is
+    scored with). alpha, beta, gamma on IMO's grid (beta, then alpha, then gamma; first best on val),
+    the search run separately for Tip-X and Tip-X++ (each feature space is its own row)."""
+
+    name = "tipx"
+    needs_text = True
+    in_default_set = False
+    wide_image_only_search = False
+
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return _linspace(IMO_BETAS), _linspace(IMO_ALPHAS)
+
+    def _text_distribution(self, x: torch.Tensor) -> torch.Tensor:
+        return (F.normalize(x.float(), dim=-1) @ self.text.T / TIPX_TEMPERATURE).softmax(-1)
+
+    def _fit(self, data: FitData, keys: torch.Tensor | None = None) -> None:
+        self.gamma = 0.0
+        self.register_buffer("text", data.text)
+        # the cache images' text distributions, in the cache's own (label-sorted) order
+        order = torch.argsort(data.train_y, stable=True)
+        self.register_buffer("cache_q", self._text_distribution(data.train_text_x[order]))
+        super()._fit(data, keys)
+        if self._given is not None:
+            self.gamma = float(self._given.get("gamma", 0.0))
+        self.hparams["gamma"] = round(self.gamma, 4)
+
+    def adapted_note(self, has_text: bool) -> str | None:
+        return "cache on adapted features; zero-shot and KL terms on the original ones (Tip-X++)"
+
+    def kl_logits(self, affinity: torch.Tensor, text_x: torch.Tensor) -> torch.Tensor:
+        """``(-KL~) L`` [M, C]: the rescaled negative KL term summed per class."""
+        kl = rescale_into(kl_divergence(self._text_distribution(text_x), self.cache_q), affinity)
+        return self.cache.class_sum(-kl)
+
+    def search(self, val_x: torch.Tensor, val_y: torch.Tensor,
+               val_text_x: torch.Tensor | None = None) -> tuple[float, float]:
+        betas, alphas = self.grid()
+        gammas = _linspace(IMO_GAMMAS)
+        affinity = self.affinity(val_x)
+        zs = self._zero_shot(val_x, val_text_x)
+        kl = self.kl_logits(affinity, val_text_x if val_text_x is not None else val_x)
+        base = zs + gammas[:, None, None] * kl  # [G, M, C]
+        accs = torch.stack([mixing_accuracy(base, self.cache.from_affinity(affinity, beta), val_y, alphas).T
+                            for beta in betas])  # [B, A, G]
+        i, j, k = first_best(accs)
+        self._note_edge("beta", i, betas)
+        self._note_edge("alpha", j, alphas)
+        self._note_edge("gamma", k, gammas)
+        self.gamma = float(gammas[k])
+        return float(alphas[j]), float(betas[i])
+
+    def forward(self, x: torch.Tensor, text_x: torch.Tensor | None = None) -> torch.Tensor:
+        x = F.normalize(x.float(), dim=-1)
+        text_x = x if text_x is None else F.normalize(text_x.float(), dim=-1)
+        affinity = self.affinity(x)
+        return (self._zero_shot(x, text_x) + self.gamma * self.kl_logits(affinity, text_x)
+                + self.alpha * self.cache.from_affinity(affinity, self.beta))

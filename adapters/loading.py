@@ -25,6 +25,7 @@ BUILTIN_METHODS = (
     "adapters.coder",   # CODER heads, CODER-Adapter
     "adapters.dac",     # DAC-style adapter
     "adapters.imo",     # IMO encoder adapter
+    "adapters.tip_adapter_f",  # Tip-Adapter-F
 )
 
 

@@ -44,14 +44,13 @@ ANA_TEMPLATES = {"eurosat": "A satellite photo of a {c} similar to {x}.", "food1
 ANA_ZERO_SHOT = {"oxford_pets": "A pet photo of a {c} similar to {x}.",
                  "dtd": "The texture of {c} bears a likeness to that of {x} ."}
 ANA_DEFAULT = "a {c} similar to {x}."
-OVO_TEMPLATES = (  # the default set of 7 ("{attr}" of {c} versus {o})
+#: One-to-one templates. The reference renders each attribute through a per-dataset set (7 by default;
+#: EuroSAT 8, Pets 4, Food 4, Places 2, CUB 11, DTD 3), of which the reference notes give only these two
+#: strings (methods-coder-gda-iso.md §3.3); we use exactly these for every dataset rather than invent
+#: the rest. The mean similarity to a pair's texts therefore averages over 2 renderings, not 7.
+OVO_TEMPLATES = (
     "Because of {a}, {c} is different from {o}.",
     "{c} stands out in {a} compared to {o}.",
-    "{a} is a feature that distinguishes {c} from {o}.",
-    "Unlike {o}, {c} has {a}.",
-    "{c} can be told apart from {o} by {a}.",
-    "A {c}, not a {o}, because of {a}.",
-    "The {a} of {c} differs from that of {o}.",
 )
 
 

@@ -205,18 +205,20 @@ def _views(train, val, evaluation, adapters, adapter_paths, file_view) -> list[d
     def norm(t):
         return None if t is None else F.normalize(t.float(), dim=-1)
 
+    rows = norm(train.extra.get("views"))  # every augmented view of a training image, [N, V, D], if stored
     views = [{"name": None, "source": None, "train": norm(train.features), "val": norm(val.features) if val else None,
-              "test": norm(evaluation.features), "weights_selected_on": None, "notes": []}]
+              "test": norm(evaluation.features), "train_views": rows, "weights_selected_on": None, "notes": []}]
     for adapter, path in zip(adapters, adapter_paths):
         if adapter.adapts_features:
             views.append({"name": adapter.method, "source": path, "train": adapter.adapt(views[0]["train"]),
                           "val": None if val is None else adapter.adapt(views[0]["val"]),
                           "test": adapter.adapt(views[0]["test"]),
+                          "train_views": None if rows is None else adapter.adapt(rows.flatten(0, 1)).view(rows.shape),
                           "weights_selected_on": adapter.selection.get("weights"), "notes": []})
     if file_view and train.extra.get("adapted") is not None:
         views.append({"name": file_view, "source": "adapted features in the file", "train": norm(train.extra["adapted"]),
                       "val": None if val is None else norm(val.extra["adapted"]), "test": norm(evaluation.extra["adapted"]),
-                      "weights_selected_on": None, "notes": []})
+                      "train_views": None, "weights_selected_on": None, "notes": []})
     return views
 
 
@@ -254,9 +256,11 @@ def _fit_and_score(name: str, ff: FeatureFile, train, val, evaluation, view: dic
     cls = HEADS[name]
     extras = {k: v for k, v in ff.extras.items() if cls.reads and k.startswith(cls.reads)}
     has_val = view["val"] is not None
+    train_views = train_text_x = None
     if cls.inputs == "embeddings":
         inputs = (view["train"], view["val"], view["test"])
         val_text_x, test_text_x = (val.features if has_val else None), evaluation.features
+        train_views, train_text_x = view["train_views"], train.features
     else:
         if cls.inputs not in train.extra or cls.inputs not in evaluation.extra:
             raise HeadSkipped(f"{name} needs per-sample '{cls.inputs}' features ({cls.inputs_hint})")
@@ -265,7 +269,8 @@ def _fit_and_score(name: str, ff: FeatureFile, train, val, evaluation, view: dic
         val_text_x = test_text_x = None
     data = FitData(inputs[0], train.labels, ff.num_classes, text=ff.text_features, val_x=inputs[1],
                    val_y=val.labels if has_val else None, dataset=ff.dataset, val_text_x=val_text_x,
-                   extras=extras, metadata=ff.metadata, normalize=cls.inputs == "embeddings")
+                   extras=extras, metadata=ff.metadata, normalize=cls.inputs == "embeddings",
+                   train_views=train_views, train_text_x=train_text_x)
     head = build_head(name, dataset=ff.dataset).fit(data)
     text_x = None if test_text_x is None else F.normalize(test_text_x.float(), dim=-1)
     return head, head(inputs[2].float(), text_x=text_x)

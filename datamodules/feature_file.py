@@ -348,7 +348,8 @@ def write_feature_file(
 
     ``splits`` maps a split name to ``(features [N, D], labels [N])``; ``keys`` optionally maps a split
     to its sample keys (stored as ``{split}.keys``, uint8 [N, L]); ``rows`` maps a split to per-sample
-    tensors by name (``{split}.<name>``, floating point as fp16); ``extras`` are file-level tensors
+    tensors by name (``{split}.<name>``, in the dtype given: the producer chooses, e.g. fp16 for
+    embeddings and float32 for norms); ``extras`` are file-level tensors
     (a method's text set, projectors), named with the method's prefix.
     """
     path = Path(path)
@@ -372,8 +373,7 @@ def write_feature_file(
             if name in _SPLIT_FIELDS or "." in name or len(values) != len(splits[split][1]):
                 raise FeatureFileError(f"{path}: per-sample tensor {split}.{name}: bad name or "
                                        f"{len(values)} rows for {len(splits[split][1])} samples")
-            values = values.detach().cpu()
-            tensors[f"{split}.{name}"] = (values.to(torch.float16) if values.is_floating_point() else values).clone()
+            tensors[f"{split}.{name}"] = values.detach().cpu().contiguous().clone()
     for name, value in (extras or {}).items():
         if _split_of(name, set(splits)) is not None or name == TEXT_KEY:
             raise ConfigError(f"extras: {name!r} collides with a split or text key")

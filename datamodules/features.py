@@ -10,21 +10,23 @@ import lightning as L
 import torch
 
 from adapters.data import Split
+from adapters.errors import ConfigError
 from datamodules.feature_file import FeatureFile
 from datamodules.resumable import ResumableTrainLoader
 
 
 class _SplitDataset(torch.utils.data.Dataset):
-    """Rows of a (memory-mapped) split as ``{"features": fp32 [D], "label": int}``."""
+    """Rows of a (memory-mapped) split as ``{"features": fp32 [D], "label": int}``, or with ``views`` each
+    image's augmented views as its features, [V, D]."""
 
-    def __init__(self, split: Split):
-        self.split = split
+    def __init__(self, split: Split, views: bool = False):
+        self.split, self.rows = split, (split.extra["views"] if views else split.features)
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, i: int) -> dict:
-        return {"features": self.split.features[i].float(), "label": self.split.labels[i]}
+        return {"features": self.rows[i].float(), "label": self.split.labels[i]}
 
 
 class EpochSampler(torch.utils.data.DistributedSampler):
@@ -69,11 +71,13 @@ class FeatureDataModule(ResumableTrainLoader, L.LightningDataModule):
         batch_size: samples per batch and device.
         num_workers: DataLoader workers (0 is fastest for cached features).
         val_split / test_split: split names, or None.
+        train_views: train on every augmented view of each image (``features`` [B, V, D] batches), from
+            a file extracted with ``view_rows: true``; otherwise on the pooled row per image.
     """
 
     def __init__(self, path: str, shots: int | None = 16, fewshot_seed: int = 1, seed: int = 0,
                  batch_size: int = 256, num_workers: int = 0, val_split: str | None = "val",
-                 test_split: str | None = "test"):
+                 test_split: str | None = "test", train_views: bool = False):
         super().__init__()
         self.file = FeatureFile(path)
         self.file.verify([s for s in (val_split, test_split) if s and self.file.has_split(s)] +
@@ -84,6 +88,10 @@ class FeatureDataModule(ResumableTrainLoader, L.LightningDataModule):
         self.val_split = val_split if val_split and self.file.has_split(val_split) else None
         self.test_split = test_split if test_split and self.file.has_split(test_split) else None
         self.train, self.train_description = self.file.train_split(shots, fewshot_seed)
+        if train_views and "views" not in self.train.extra:
+            raise ConfigError(f"train_views: {path} has no view rows for {self.train.name} "
+                              "(extract with view_rows: true and views > 1)")
+        self.train_views = train_views
 
     # -- what models link to and ask for (adapters.base.AdapterData) ---------------------------------------
     #: Cached features need no transforms, and nothing is skipped as corrupt while training.
@@ -132,7 +140,7 @@ class FeatureDataModule(ResumableTrainLoader, L.LightningDataModule):
     def _loader(self, split: Split, train: bool) -> torch.utils.data.DataLoader:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        dataset = _SplitDataset(split)
+        dataset = _SplitDataset(split, views=train and self.train_views)
         sampler = EpochSampler(dataset, world, rank, self.seed, shuffle=train)
         cls = _ResumableLoader if train else torch.utils.data.DataLoader
         loader = cls(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,

@@ -293,6 +293,9 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
         train_split / val_split / test_split: split names in the manifest (``None`` to disable).
         predict_splits: splits that ``predict`` (feature extraction) iterates, one loader each.
         batch_size: samples per batch on each device.
+        global_batch_size: samples per optimiser step over all devices (and accumulated batches);
+            when set, the per-device ``batch_size`` is derived from it at setup, so a run on 8 GPUs
+            trains with the batch a 1-GPU run uses (IMO's 128). Must divide evenly.
         num_workers: loader workers per rank.
         shots: K samples per class for the training split (``None``: all), chosen by ``fewshot_seed``
             with the protocol's sampler, from the index file (no image is opened to choose).
@@ -313,6 +316,7 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
 
     def __init__(self, shards: str, train_split: str | None = "train", val_split: str | None = None,
                  test_split: str | None = None, predict_splits: Sequence[str] = ("train",), batch_size: int = 64,
+                 global_batch_size: int | None = None,
                  num_workers: int = 2, shots: int | None = None, fewshot_seed: int = 1, seed: int = 0,
                  shuffle_buffer: int = 1000, augment: bool = True, views: int = 1, train_views: int = 1,
                  on_corrupt: Literal["skip", "raise"] = "skip", verify_shards: bool = False):
@@ -324,6 +328,7 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
         if train_views > 1 and not augment:
             raise ConfigError("train_views: several views of an image need augment: true (else they are identical)")
         self.train_views = train_views
+        self.global_batch_size = global_batch_size
         self.shards, self.train_split, self.val_split, self.test_split = shards, train_split, val_split, test_split
         self.predict_splits = list(predict_splits)
         self.batch_size, self.num_workers, self.shots, self.fewshot_seed = batch_size, num_workers, shots, fewshot_seed
@@ -372,6 +377,17 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
     def set_epoch(self, epoch: int) -> None:
         """Called by the model at each train epoch start: reshuffles shards for the new epoch."""
         self.shared["epoch"].value = epoch
+
+    def setup(self, stage: str) -> None:
+        if self.global_batch_size and self.trainer is not None:
+            parts = self.trainer.world_size * max(1, int(self.trainer.accumulate_grad_batches))
+            if self.global_batch_size % parts:
+                raise ConfigError(f"global_batch_size: {self.global_batch_size} does not divide into "
+                                  f"{self.trainer.world_size} devices x {self.trainer.accumulate_grad_batches} "
+                                  "accumulated batches")
+            self.batch_size = self.global_batch_size // parts
+            log.info("batch size %d per device (global %d over %d devices x %d accumulated)", self.batch_size,
+                     self.global_batch_size, self.trainer.world_size, self.trainer.accumulate_grad_batches)
 
     def set_transforms(self, train: Callable, eval: Callable) -> None:
         """The model's transforms (a method may train on its own, e.g. IMO without augmentation)."""

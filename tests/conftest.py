@@ -19,6 +19,7 @@ DAC = ("--config", "configs/dac/default.yaml")
 DAC_DEMO = ("--config", "configs/dac/demo.yaml")
 CODER_DEMO = ("--config", "configs/coder/demo.yaml")
 IMO_DEMO = ("--config", "configs/imo/demo.yaml")
+TIP_F_DEMO = ("--config", "configs/tip_adapter_f/demo.yaml")
 
 
 def data_config(name: str) -> tuple[str, str]:

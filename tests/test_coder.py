@@ -45,7 +45,8 @@ def test_text_sets_from_sample_files(tmp_path):
     assert by_kind[(1, "name")] == "a photo of a tabby cat, a type of pet."
     assert [t for t, c, k in zip(ts.texts, ts.classes, ts.kinds) if k == "syno"] == ["a photo of a tabby, a type of pet."]
     assert (2, "ana") in by_kind and by_kind[(1, "desc")] == "A tabby cat has an M on its forehead."
-    assert len(ts.ovo[(1, 2)]) == 7 and "stripes" in ts.ovo[(1, 2)][0]
+    assert ts.ovo[(1, 2)] == ["Because of stripes, tabby cat is different from red fox.",
+                              "tabby cat stands out in stripes compared to red fox."]  # the reference's two
 
 
 def test_analogous_class_that_collides_with_another_class_is_dropped(tmp_path):
@@ -180,3 +181,17 @@ def test_mixing_extremes():
     torch.testing.assert_close(only_image(x), 100 * x @ aligned.T, atol=1e-4, rtol=1e-4)
     searched = MixingHead().fit(FitData(x, y, 4, text=text, val_x=x, val_y=y))
     assert set(searched.hparams) == {"lambda", "rank", "gamma"}
+
+
+def test_coder_adapter_vectors_use_the_references_text_kinds_only():
+    from adapters.coder import adapter_texts
+
+    e = torch.eye(5)
+    # name, syno, att, ana, desc of one class: CODER-Adapter keeps name, att and ana (methods-coder-gda-iso.md §3.6)
+    ts = EmbeddedTextSet(e, torch.zeros(5, dtype=torch.long), torch.tensor([0, 1, 2, 3, 4]),
+                         torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 5))
+    assert torch.equal(adapter_texts(ts), e[[0, 2, 3]])
+    x = F.normalize(torch.randn(6, 5), dim=-1)
+    data = FitData(x, torch.zeros(6, dtype=torch.long), 2, extras=ts.tensors())
+    head = CoderAdapterHead(beta_steps=5, alpha_steps=2, refinements=0).fit(data, hparams={"alpha": 1.0, "beta": 1.0})
+    assert head.text_embeddings.shape == (3, 5)

@@ -91,3 +91,45 @@ def test_errors_name_the_file_and_problem(tmp_path):
     (tmp_path / "dir").mkdir()
     with pytest.raises(FeatureFileError, match="no manifest.json"):
         FeatureFile(tmp_path / "dir")
+
+
+def test_views_as_rows_extraction_gda_and_multi_view_training(tmp_path):
+    """An extraction with view_rows keeps every view as a normalised row beside the pooled one: the
+    pooled row is `pool_views` of the rows times their norms; GDA fits on the rows (so 1 shot has a
+    within-class scatter); old readers see the pooled rows; DAC can train on the views."""
+    import lightning as L
+
+    from adapters.backbone import TINY_MODEL, pool_views
+    from adapters.dac import DACAdapter
+    from adapters.heads import FitData, build_head
+    from datamodules.features import FeatureDataModule
+    from tests.conftest import ROOT, train_cli
+    from tests.helpers import make_shards
+
+    shards = make_shards(tmp_path, per_class=3, max_count=9, fractions={"train": 0.34, "val": 0.33, "test": 0.33})
+    assert train_cli("predict", "--config", ROOT / "configs/extract.yaml", "--data.init_args.shards", shards,
+                     "--data.init_args.num_workers", "0", "--data.init_args.predict_splits", "[train,val,test]",
+                     "--data.init_args.views", "10", "--model.init_args.view_rows", "true",
+                     run_dir=tmp_path / "run") == 0
+    ff = FeatureFile(tmp_path / "run" / "features")
+    train = ff.split("train")
+    assert train.extra["views"].shape == (9, 10, 32) and train.extra["view_norms"].shape == (9, 10)
+    assert "views" not in ff.split("test").extra  # eval splits: one eval-transform row each
+    rows = train.extra["views"].float() * train.extra["view_norms"][..., None]
+    torch.testing.assert_close(pool_views(rows), train.features.float(), atol=2e-3, rtol=0)
+    # GDA at 1 shot: ten view rows per class give a covariance, no nearest-mean fallback
+    data = FitData(train.features, train.labels, 9, train_views=train.extra["views"])
+    gda = build_head("gda").fit(data)
+    assert any("10 views per image" in n for n in gda.notes) and not any("nearest class mean" in n for n in gda.notes)
+    pooled_only = build_head("gda").fit(FitData(train.features, train.labels, 9))
+    assert any("nearest class mean" in n for n in pooled_only.notes)
+    # DAC on cached features with several views per image: [B, V, D] batches
+    dm = FeatureDataModule(str(tmp_path / "run" / "features"), shots=None, batch_size=4, train_views=True)
+    assert next(iter(dm.train_dataloader()))["features"].shape == (4, 10, 32)
+    model = DACAdapter(num_classes=9, class_names=dm.class_names, backbone=TINY_MODEL, dataset=dm.dataset_name,
+                       schedule="joint")
+    L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(model, datamodule=dm)
+    with pytest.raises(ConfigError, match="no view rows"):
+        FeatureDataModule(str(write_feature_file(tmp_path / "plain.safetensors", {"train": _splits()})), shots=None,
+                          train_views=True)

@@ -109,7 +109,7 @@ def test_imo_fit_export_and_ta_plus_plus(oi_shards, tmp_path):
     root, _ = oi_shards
     run = tmp_path / "imo"
     assert train.main(["fit", "--config", str(ROOT / "configs/imo/demo.yaml"), "--data", "configs/data/openimages.yaml",
-                       "--data.init_args.batch_size", "16", "--data.init_args.num_workers", "0", "--run_dir", str(run),
+                       "--data.init_args.global_batch_size", "16", "--data.init_args.num_workers", "0", "--run_dir", str(run),
                        "--data.init_args.shards", str(root / "shards"), "--trainer.max_epochs", "2"]) == 0
     assert (run / "overlap.png").is_file() and (run / "overlap-epoch001.png").is_file()
     tensors = load_file(str(run / "adapter" / WEIGHTS_NAME))
@@ -125,11 +125,15 @@ def test_imo_fit_export_and_ta_plus_plus(oi_shards, tmp_path):
                        "--data.init_args.predict_splits", "[train,val,test]", "--data.init_args.views", "2",
                        "--model.init_args.adapter", str(run / "adapter")]) == 0
     out = tmp_path / "r.json"
-    assert evaluate.main(["--features", str(tmp_path / "ex" / "features"), "--shots", "2", "--heads", "zeroshot,tip",
-                          "--overlap", "--output", str(out)]) == 0
+    assert evaluate.main(["--features", str(tmp_path / "ex" / "features"), "--shots", "2", "--heads",
+                          "zeroshot,tip,tip_imo,tipx", "--overlap", "--output", str(out)]) == 0
     records = json.loads(out.read_text())
     heads = {r.get("head") for r in records if "metrics" in r}
-    assert heads == {"zeroshot", "tip", "tip+imo"}
+    # ZS, TA and TA++ on Tip-Adapter's grid and on IMO's, Tip-X and Tip-X++: each its own search
+    assert heads == {"zeroshot", "tip", "tip+imo", "tip_imo", "tip_imo+imo", "tipx", "tipx+imo"}
+    tipx = {r["head"]: r for r in records if r.get("head", "").startswith("tipx")}
+    assert set(tipx["tipx"]["hyperparameters"]) == {"alpha", "beta", "gamma"}
+    assert any("Tip-X++" in n for n in tipx["tipx+imo"]["notes"])
     spaces = {r["space"] for r in records if r.get("task") == "intra_modal_overlap"}
     assert spaces == {"original", "imo"} and (tmp_path / "overlap_features.png").is_file()
 
@@ -138,9 +142,10 @@ def test_imo_fit_export_and_ta_plus_plus(oi_shards, tmp_path):
 def test_two_process_ddp_imo_fit(oi_shards, tmp_path):
     root, _ = oi_shards
     result = subprocess.run([sys.executable, "train.py", "fit", "--config", "configs/imo/demo.yaml", "--data",
-                             "configs/data/openimages.yaml", "--data.init_args.batch_size", "16",
+                             "configs/data/openimages.yaml", "--data.init_args.global_batch_size", "16",
                              "--data.init_args.num_workers", "0", "--run_dir",
                              str(tmp_path), "--data.init_args.shards", str(root / "shards"), "--trainer.devices", "2",
                              "--trainer.strategy", "ddp"], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "batch size 8 per device (global 16 over 2 devices" in result.stderr  # the global batch is kept
     assert (tmp_path / "adapter" / WEIGHTS_NAME).is_file()

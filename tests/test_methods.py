@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import adapters
 from adapters.base import ADAPTERS, WEIGHTS_NAME
 from adapters.loading import register_builtin_methods
-from tests.conftest import CODER_DEMO, DAC_DEMO, IMO_DEMO, train_cli
+from tests.conftest import CODER_DEMO, DAC_DEMO, IMO_DEMO, TIP_F_DEMO, train_cli
 
 
 @dataclass(frozen=True)
@@ -37,12 +37,13 @@ def _data_args(row: Row, request) -> list:
                 "--data.init_args.batch_size", "8", "--model.init_args.pretrained", weights]
     shards = request.getfixturevalue("openimages_shards")
     return ["--data", "configs/data/openimages.yaml", "--data.init_args.shards", shards,
-            "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4"]
+            "--data.init_args.num_workers", "0", "--data.init_args.global_batch_size", "4"]
 
 
 METHODS = [
     Row("dac", DAC_DEMO, "extracted", ("--model.init_args.feature_noise", "0.05", "--model.init_args.dropout", "0.1")),
     Row("coder_adapter", CODER_DEMO, "extracted"),
+    Row("tip_adapter_f", TIP_F_DEMO, "extracted"),
     Row("imo", IMO_DEMO, "openimages_shards", steps_per_epoch=6, crash_step=8),
 ]
 ROWS = pytest.mark.parametrize("row", METHODS, ids=[r.method for r in METHODS])

@@ -23,14 +23,14 @@ METHOD_CONFIGS = sorted(p.relative_to(ROOT) for p in (ROOT / "configs").glob("*/
 
 def _compose(config, request) -> list:
     method, variant = config.parent.name, config.stem
-    if method == "dac" and variant == "default":
+    if method in ("dac", "tip_adapter_f") and variant == "default":  # image-only: runs on the shared files
         return [*data_config("caltech101")]
     _, features, weights = request.getfixturevalue("extracted")
     tiny = ["--model.init_args.backbone", "tiny-clip", "--model.init_args.pretrained", weights]
     if method == "imo":
         shards = request.getfixturevalue("openimages_shards")
         return ["--data", "configs/data/openimages.yaml", "--data.init_args.shards", shards,
-                "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4", *tiny,
+                "--data.init_args.num_workers", "0", "--data.init_args.global_batch_size", "4", *tiny,
                 "--trainer.precision", "32-true"]
     return ["--data", "configs/data/demo.yaml", "--data.init_args.path", features, "--data.init_args.shots", "4", *tiny]
 
