@@ -1,11 +1,12 @@
-"""Accuracy vs shots on the real feature files: every head and the trained DAC adapter, one table and one plot.
+"""Accuracy vs shots on the real feature files: every head and the trained methods, one table and one plot.
 
 For caltech101, oxford_flowers and fgvc (../shared/data/clip-vit-b32-features, OpenAI CLIP ViT-B/32)
 at 1, 4 and 16 shots (the files' fixed train_{K}shot subsets): the training-free heads that run on
-image-only features (prototype, Tip-Adapter cache, GDA), DAC trained with configs/dac/default.yaml and
-configs/data/<dataset>.yaml (its own head, and GDA on its adapted features). Hyper-parameters on val, accuracy on test. The
-heads that need text (zero-shot, mixing, CODER, CODER-Adapter), pre-projection features (IsoCLIP) or
-images (IMO) cannot run on these files and are listed as such. Writes bench/accuracy.png.
+image-only features (prototype, Tip-Adapter cache, GDA), and the trained methods with their default
+configs composed with configs/data/<dataset>.yaml: Tip-Adapter-F (its own head) and DAC (its own head,
+and GDA on its adapted features). Hyper-parameters on val, accuracy on test. The heads that need text
+(zero-shot, mixing, CODER, CODER-Adapter), pre-projection features (IsoCLIP) or images (IMO) cannot run
+on these files and are listed as such. Writes bench/accuracy.png.
 
     python -m bench.accuracy
 """
@@ -24,7 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared/data/clip-vit-b32-features"
 DATASETS = ("caltech101", "oxford_flowers", "fgvc")
 SHOTS = (1, 4, 16)
-METHODS = ("prototype", "tip", "gda", "dac (adapter)", "gda+dac")
+METHODS = ("prototype", "tip", "gda", "tip_adapter_f (adapter)", "dac (adapter)", "gda+dac")
+#: the trained methods: (method config, method name)
+TRAINED = (("configs/tip_adapter_f/default.yaml", "tip_adapter_f"), ("configs/dac/default.yaml", "dac"))
 NOT_APPLICABLE = {"zeroshot, mixing, coder, coder_adapter": "need text features (the files have none)",
                   "isoclip": "needs pre-projection features", "imo": "trains through the image encoder (needs images)"}
 
@@ -39,15 +42,17 @@ def main() -> dict:
         for name in DATASETS:
             path = DATA / f"{name}.safetensors"
             for k in SHOTS:
-                run = Path(tmp) / f"{name}-{k}"
-                if train.main(["fit", "--config", str(ROOT / "configs/dac/default.yaml"), "--data",
-                               str(ROOT / f"configs/data/{name}.yaml"), "--run_dir", str(run),
-                               "--data.init_args.path", str(path), "--data.init_args.shots", str(k)]):
-                    sys.exit(2)
-                adapter = adapters.load_adapter(run / "adapter")
-                for r in evaluate.evaluate_file(str(path), ["prototype", "tip", "gda"], [k], [1], [adapter],
-                                                [str(run / "adapter")]):
-                    if r["head"] in METHODS:
+                exports = []
+                for config, method in TRAINED:
+                    run = Path(tmp) / f"{name}-{k}-{method}"
+                    if train.main(["fit", "--config", str(ROOT / config), "--data", str(ROOT / f"configs/data/{name}.yaml"),
+                                   "--run_dir", str(run), "--data.init_args.path", str(path),
+                                   "--data.init_args.shots", str(k)]):
+                        sys.exit(2)
+                    exports.append(str(run / "adapter"))
+                loaded = [adapters.load_adapter(e) for e in exports]
+                for r in evaluate.evaluate_file(str(path), ["prototype", "tip", "gda"], [k], [1], loaded, exports):
+                    if r["head"] in METHODS and "metrics" in r:
                         acc[(name, r["head"], k)] = round(100 * r["metrics"]["acc1"], 2)
     _plot(acc, args.plot)
     table = ["| dataset | method | " + " | ".join(f"{k}-shot" for k in SHOTS) + " |",
