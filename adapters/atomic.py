@@ -29,6 +29,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _file_mode() -> int:
+    """What a new file gets under the process umask (0644 under 022): some writers (safetensors) create
+    their files 0600 whatever the umask, so every file is set to this before it is moved into place."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _temporary_name(path: Path) -> Path:
     return path.parent / f".tmp-{path.name}-{secrets.token_hex(4)}"
 
@@ -44,6 +52,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
@@ -80,10 +89,12 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     os.mkdir(tmp, 0o777)  # mode from the umask
     try:
         yield tmp
+        mode = _file_mode()
         for child in tmp.iterdir():
             if child.is_file():
                 with open(child, "rb") as f:
                     os.fsync(f.fileno())
+                os.chmod(child, mode)
         _fsync_dir(tmp)
         if not path.exists():
             os.rename(tmp, path)

@@ -7,11 +7,15 @@ mode even when a parent LightningModule calls ``.train()``.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import socket
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from urllib.parse import urlparse
 
 import open_clip
 import torch
@@ -38,21 +42,135 @@ def register_model_configs() -> None:
         _registered = True
 
 
-def _resolve_pretrained(model_name: str, pretrained: str | None) -> str | None:
-    """Validate ``pretrained`` early so a typo fails with one clear line, not deep in open_clip."""
-    if pretrained is None or str(pretrained).lower() in {"", "none", "random"}:
+SCHEMAS = ("hf-hub:", "local-dir:")
+_HF_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def _is_file_path(pretrained: str) -> bool:
+    return os.path.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    """Whether ``host`` answers on HTTPS within ``timeout`` seconds (False when the hub is offline by
+    configuration: ``HF_HUB_OFFLINE=1``)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hf_cached(repo_id: str, filenames: Sequence[str], cache_dir: str | None) -> str | None:
+    """The path of the first of ``filenames`` of a Hugging Face repo in the local cache, or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
         return None
+    for filename in filenames:
+        path = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir)
+        if isinstance(path, str) and os.path.isfile(path):
+            return path
+    return None
+
+
+def _unavailable(what: str, cache_dir: str | None, host: str) -> ConfigError:
+    where = f"cache_dir {cache_dir}" if cache_dir else "the default caches (~/.cache/huggingface, ~/.cache/clip)"
+    return ConfigError(f"pretrained: {what}: not found in {where}, and {host} cannot be reached; pass a local "
+                       "checkpoint (pretrained: /path/to/file.pt), point cache_dir at the folder holding the "
+                       "downloaded weights, or download them on a node with internet first")
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """Make huggingface_hub answer from its cache only (no request, no retries) inside this block."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    previous, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
+def check_weights(model_name: str, pretrained: str | None, cache_dir: str | None = None) -> bool:
+    """Check that the weights named by (``model_name``, ``pretrained``) can be loaded, fast and offline-aware:
+    True when they are local (a file, or in the cache: load them without touching the network), False
+    when they must be downloaded (the hub answered). Raises a one-line `ConfigError` naming the model and
+    tag when they are neither (instead of a minute of retries and a wall of traceback)."""
+    register_model_configs()
+    if model_name.startswith("local-dir:"):
+        if not Path(model_name[len("local-dir:"):]).is_dir():
+            raise ConfigError(f"backbone: {model_name}: no such directory")
+        return True
+    if model_name.startswith("hf-hub:"):
+        repo = model_name[len("hf-hub:"):]
+        if _hf_cached(repo, ("open_clip_config.json",), cache_dir) and _hf_cached(repo, _HF_WEIGHTS, cache_dir):
+            return True
+        if _reachable("huggingface.co"):
+            return False
+        raise _unavailable(f"model {model_name}", cache_dir, "huggingface.co")
+    if model_name not in open_clip.list_models():
+        raise ConfigError(f"backbone: unknown open_clip architecture {model_name!r} (or use hf-hub:<repo> / "
+                          "local-dir:<folder>)")
+    if pretrained is None or str(pretrained).lower() in {"", "none", "random"}:
+        return True
     pretrained = str(pretrained)
-    if os.path.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt")):
+    if _is_file_path(pretrained):
         if not Path(pretrained).is_file():
             raise ConfigError(f"pretrained: checkpoint file not found: {pretrained}")
-        return pretrained
-    known = open_clip.list_pretrained_tags_by_model(model_name)
-    if known and pretrained not in known:
-        raise ConfigError(
-            f"pretrained: unknown tag {pretrained!r} for model {model_name!r} (known: {', '.join(known)})"
-        )
-    return pretrained
+        return True
+    cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+    if not cfg:
+        known = open_clip.list_pretrained_tags_by_model(model_name)
+        raise ConfigError(f"pretrained: unknown tag {pretrained!r} for model {model_name!r} "
+                          f"(known: {', '.join(known) or 'none'}; or a local checkpoint file)")
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        repo, filename = os.path.split(hub)
+        names = [filename] if filename else list(_HF_WEIGHTS)
+        if filename.endswith(".bin"):
+            names.insert(0, filename[:-4] + ".safetensors")
+        if _hf_cached(repo, names, cache_dir):
+            return True
+    url = cfg.get("url", "")
+    if url and os.path.isfile(os.path.join(cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(url))):
+        return True
+    host = "huggingface.co" if hub else urlparse(url).hostname or "the download host"
+    if _reachable(host):
+        return False
+    raise _unavailable(f"weights {pretrained!r} for {model_name}", cache_dir, host)
+
+
+def embed_dim_of(model_name: str, cache_dir: str | None = None) -> int:
+    """The joint embedding dimension of an architecture, read from its config without loading weights
+    (``hf-hub:`` / ``local-dir:`` names: their ``open_clip_config.json``)."""
+    register_model_configs()
+    if model_name.startswith(SCHEMAS):
+        if model_name.startswith("local-dir:"):
+            path = Path(model_name[len("local-dir:"):]) / "open_clip_config.json"
+        else:
+            repo = model_name[len("hf-hub:"):]
+            path = _hf_cached(repo, ("open_clip_config.json",), cache_dir)
+            if path is None:
+                if not _reachable("huggingface.co"):
+                    raise _unavailable(f"the config of {model_name}", cache_dir, "huggingface.co")
+                from huggingface_hub import hf_hub_download
+
+                path = hf_hub_download(repo, "open_clip_config.json", cache_dir=cache_dir)
+        try:
+            return int(json.loads(Path(path).read_text())["model_cfg"]["embed_dim"])
+        except (OSError, KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"backbone: {model_name}: unreadable open_clip_config.json ({e})") from None
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise ConfigError(f"backbone: unknown open_clip architecture {model_name!r} (or use hf-hub:<repo> / "
+                          "local-dir:<folder>)")
+    return int(cfg["embed_dim"])
 
 
 def pool_views(raw: torch.Tensor) -> torch.Tensor:
@@ -69,18 +187,20 @@ class FrozenCLIP(nn.Module):
     """A frozen open_clip model with the accessors adapters need.
 
     Args:
-        model_name: open_clip architecture name (``ViT-B-32``, ``ViT-B-16``, ``tiny-clip``, ...).
+        model_name: open_clip architecture name (``ViT-B-32``, ``ViT-B-16``, ``tiny-clip``, ...), or an
+            open_clip ``hf-hub:<repo>`` / ``local-dir:<folder>`` name (config and weights from there).
         pretrained: hub tag, path to a local checkpoint file, or ``None`` for random weights.
-        cache_dir: where open_clip caches hub downloads.
+        cache_dir: where open_clip caches hub downloads (and looks for them first: weights found there
+            load without any network request).
     """
 
     def __init__(self, model_name: str = TINY_MODEL, pretrained: str | None = None, cache_dir: str | None = None):
         super().__init__()
-        register_model_configs()
-        if model_name not in open_clip.list_models():
-            raise ConfigError(f"model_name: unknown open_clip architecture {model_name!r}")
-        resolved = _resolve_pretrained(model_name, pretrained)
-        if resolved is None:
+        local = check_weights(model_name, pretrained, cache_dir)
+        schema = model_name.startswith(SCHEMAS)
+        resolved = None if schema or pretrained is None or str(pretrained).lower() in {"", "none", "random"} \
+            else str(pretrained)
+        if resolved is None and not schema:
             warnings.warn(
                 f"FrozenCLIP({model_name!r}): no pretrained weights, the backbone is randomly initialised "
                 "(fine for tests and demos, meaningless for accuracy)",
@@ -90,15 +210,20 @@ class FrozenCLIP(nn.Module):
         level = root.level
         root.setLevel(logging.ERROR)  # open_clip repeats the warning above on the root logger
         try:
-            model, _, eval_transform = open_clip.create_model_and_transforms(
-                model_name, pretrained=resolved, cache_dir=cache_dir
-            )
+            with _hub_offline() if local else contextlib.nullcontext():  # cached: no request, no retries
+                model, _, eval_transform = open_clip.create_model_and_transforms(
+                    model_name, pretrained=resolved, cache_dir=cache_dir
+                )
+                tokenizer = open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
+        except (OSError, RuntimeError, ValueError) as e:  # a download that failed half-way, a corrupt file
+            raise ConfigError(f"backbone: cannot load {model_name} with pretrained={pretrained!r} "
+                              f"({' '.join(str(e).split())[:200]})") from None
         finally:
             root.setLevel(level)
         self.model_name = model_name
         self.pretrained = None if resolved is None else str(pretrained)
         self.model = model
-        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.tokenizer = tokenizer
         self.eval_transform: Callable = eval_transform
         self.train_transform: Callable = self._few_shot_train_transform()
         for p in self.model.parameters():

@@ -32,13 +32,12 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import lightning as L
 import numpy as np
-import open_clip
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from adapters.atomic import atomic_directory
-from adapters.backbone import TINY_MODEL, FrozenCLIP, pool_views, register_model_configs
+from adapters.backbone import TINY_MODEL, FrozenCLIP, embed_dim_of, pool_views
 from adapters.data import ImageSplit, Split
 from adapters.errors import ConfigError
 from adapters.metrics import classification_metrics
@@ -77,15 +76,6 @@ def eval_mode(module: torch.nn.Module):
         yield module
     finally:
         module.train(was_training)
-
-
-def model_embed_dim(model_name: str) -> int:
-    """The joint embedding dimension of an open_clip architecture, read from its config (no weights)."""
-    register_model_configs()
-    cfg = open_clip.get_model_config(model_name)
-    if cfg is None:
-        raise ConfigError(f"backbone: unknown open_clip architecture {model_name!r}")
-    return int(cfg["embed_dim"])
 
 
 @runtime_checkable
@@ -150,7 +140,7 @@ class BackboneModule(L.LightningModule):
             raise ConfigError(f"num_classes: must be >= 2, got {num_classes}")
         if class_names is not None and len(class_names) != num_classes:
             raise ConfigError(f"class_names: {len(class_names)} names for num_classes={num_classes}")
-        self.embed_dim = embed_dim or model_embed_dim(backbone)
+        self.embed_dim = embed_dim or embed_dim_of(backbone, cache_dir)
         self.strict_loading = False  # the frozen backbone is never in checkpoints
         self.register_buffer("text_features", torch.zeros(0, self.embed_dim))
 

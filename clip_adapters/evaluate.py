@@ -66,7 +66,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "is also run on their adapted features")
     p.add_argument("--overlap", action="store_true",
                    help="also report the intra-modal overlap of each file's test features (200 bins on [-1, 1]) "
-                        "in every feature space, with a plot per file next to --output")
+                        "in every feature space, with a plot per file (see --plot_dir)")
+    p.add_argument("--plot_dir", default=None, metavar="DIR",
+                   help="where the --overlap plots go (default: the folder of --output; with --output '' no plots "
+                        "unless this is given)")
     p.add_argument("--output", default="eval_results.json", metavar="JSON",
                    help="where to write the results (a JSON list of records); '' to skip")
     p.add_argument("--allow_dataset_mismatch", action="store_true",
@@ -314,14 +317,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     records, overlaps, failed = [], [], 0
-    plot_dir = Path(args.output).parent if args.output else Path(".")
+    # plots go next to the results, or where asked: never into the current directory by surprise
+    plot_dir = Path(args.plot_dir) if args.plot_dir else (Path(args.output).parent if args.output else None)
     for path in args.features:  # one bad file costs its own rows, not everyone's
         try:
             file_records = evaluate_file(path, args.heads, args.shots, args.seeds, adapters, args.adapter,
                                          allow_dataset_mismatch=args.allow_dataset_mismatch)
             if args.overlap:
-                plot = plot_dir / f"overlap_{Path(path).stem}.png"
-                overlaps += overlap_records(path, adapters, args.adapter, plot=str(plot))
+                plot = None if plot_dir is None else str(plot_dir / f"overlap_{Path(path).stem}.png")
+                overlaps += overlap_records(path, adapters, args.adapter, plot=plot)
             records += file_records
         except UserError as e:
             print(f"{PROG}: error: {e}", file=sys.stderr)
@@ -330,7 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(render(records))
     for r in overlaps:
         value = "undefined" if r["overlap"] is None else f"{r['overlap']:.3f}"
-        console.print(f"overlap {r['dataset']} ({r['split']}, {r['space']}): {value}  plot: {r['plot']}"
+        plot = r["plot"] or "none (no --output or --plot_dir)"
+        console.print(f"overlap {r['dataset']} ({r['split']}, {r['space']}): {value}  plot: {plot}"
                       + (f"  ({'; '.join(r['notes'])})" if r["notes"] else ""))
     records += [{"task": "intra_modal_overlap", **r} for r in overlaps]
     if args.output and records:

@@ -108,7 +108,7 @@ def split_by_logical_worker(src, shared: dict):
 def seeded_shuffle(src, bufsize: int, seed: int, shared: dict, rank: int):
     """A shuffle buffer whose RNG depends on (seed, epoch, rank, worker): reproducible order."""
     rng = random.Random(f"samples-{seed}-{shared['epoch'].value}-{rank}-{logical_worker(shared)[0]}")
-    return wds.filters._shuffle(src, bufsize, min(bufsize, 100), rng)
+    return wds.shuffle(bufsize=bufsize, initial=min(bufsize, 100), rng=rng)(src)  # webdataset's public stage
 
 
 class _SkipToken:

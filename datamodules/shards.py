@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import webdataset as wds
+from webdataset.tariterators import base_plus_ext
 
 from adapters.atomic import atomic_path, atomic_write_text
 from adapters.errors import ConfigError, UserError
@@ -81,19 +82,44 @@ def partition(records: list[Record], fractions: dict[str, float], seed: int = 0)
     return out
 
 
-def from_folder(root: str | Path, split: str = "train") -> tuple[list[Record], list[str]]:
-    """``root/<class>/<file>``: classes are the sorted sub-folder names."""
+def _hidden(path: Path) -> bool:
+    """Dot-entries (``.ipynb_checkpoints``, ``.DS_Store``, ``.git``) are never data."""
+    return path.name.startswith(".")
+
+
+def from_folder(root: str | Path, split: str = "train", skip_empty_classes: bool = False,
+                skipped: dict | None = None) -> tuple[list[Record], list[str]]:
+    """``root/<class>/<file>``: classes are the sorted sub-folder names.
+
+    Hidden entries are ignored. A class folder without images is a `ConfigError` (a silent class with
+    no sample would shift every label after it) unless ``skip_empty_classes``. Files that are not
+    images are skipped; ``skipped`` (a dict) receives the counts, which the manifest records.
+    """
     root = Path(root)
     if not root.is_dir():
         raise ConfigError(f"{root}: image folder not found")
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir())
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not _hidden(d))
     if not class_dirs:
         raise ConfigError(f"{root}: no class sub-folders (expected <class>/<image> files)")
-    records = [Record(f, y, split) for y, d in enumerate(class_dirs)
-               for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
-    if not records:
-        raise ConfigError(f"{root}: no image files in the class sub-folders")
-    return records, [d.name.replace("_", " ") for d in class_dirs]
+    counts = {"non_image_files": 0, "hidden_entries": 0, "empty_classes": []}
+    per_class = []
+    for d in class_dirs:
+        entries = sorted(d.iterdir())
+        hidden = [f for f in entries if _hidden(f)]
+        visible = [f for f in entries if f.is_file() and not _hidden(f)]
+        images = [f for f in visible if f.suffix.lower() in IMAGE_EXTENSIONS]
+        counts["hidden_entries"] += len(hidden)
+        counts["non_image_files"] += len(visible) - len(images)
+        if not images:
+            if not skip_empty_classes:
+                raise ConfigError(f"{d}: class folder without images (remove it, or pass --skip_empty_classes)")
+            counts["empty_classes"].append(d.name)
+            continue
+        per_class.append((d, images))
+    records = [Record(f, y, split) for y, (_, images) in enumerate(per_class) for f in images]
+    if skipped is not None:
+        skipped.update(counts)
+    return records, [d.name.replace("_", " ") for d, _ in per_class]
 
 
 def from_csv(path: str | Path, image_root: str | Path | None = None, split: str = "train") -> tuple[list[Record], list[str]]:
@@ -164,18 +190,19 @@ def _image_payload(record: Record, reencode: bool) -> tuple[str, bytes]:
 def write_shards(records: Sequence[Record], class_names: Sequence[str], out_dir: str | Path, *,
                  max_count: int = 1000, max_size: int | None = None, seed: int = 0, reencode: bool = False,
                  progress: bool = True, dataset: str | None = None,
-                 multi_labels: dict[str, list[int]] | None = None) -> dict:
+                 multi_labels: dict[str, list[int]] | None = None, skipped: dict | None = None) -> dict:
     """Write ``records`` into ``out_dir`` as tar shards per split, plus manifest and index files.
 
     ``multi_labels`` (source path -> all labels, the record's own first) makes multi-label shards: the
-    labels go into each sample's ``json`` and the manifest says ``label: multi``.
+    labels go into each sample's ``json`` and the manifest says ``label: multi``. ``skipped``: what the
+    source left out (counts of non-image files, hidden entries, empty classes), recorded in the manifest.
     """
     if max_count < 1:
         raise ConfigError(f"max_count: must be >= 1, got {max_count}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = {"format": MANIFEST_FORMAT, "version": 1, "dataset": dataset or out_dir.name,
-                "class_names": list(class_names), "splits": {}}
+                "class_names": list(class_names), "splits": {}, "skipped": dict(skipped or {})}
     for split in sorted({r.split for r in records}):
         if not split.replace("_", "").isalnum():
             raise ConfigError(f"split: {split!r} must be alphanumeric (used in shard file names)")
@@ -264,7 +291,10 @@ def iter_tar_samples(path: str | Path) -> Iterator[dict[str, bytes]]:
         for member in tar:
             if not member.isreg():
                 continue
-            stem, _, ext = member.name.partition(".")
+            # webdataset's own rule: the key is the path up to the first dot of the file name
+            stem, ext = base_plus_ext(member.name)
+            if stem is None:
+                continue
             if current is None or current["__key__"] != stem:
                 if current is not None:
                     yield current
@@ -405,7 +435,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         s.add_argument("src")
         s.add_argument("--out", required=True, help="output directory for shards, dataset.json and index files")
         s.add_argument("--split", default="train", help="split name for folder/CSV sources without a split column")
-        s.add_argument("--fractions", help="folder source: split each class, e.g. 'train=0.5,val=0.2,test=0.3'")
+        s.add_argument("--fractions", help="split each class, e.g. 'train=0.5,val=0.2,test=0.3' (sources without "
+                                           "their own splits)")
+        s.add_argument("--skip_empty_classes", action="store_true",
+                       help="folder source: leave out class folders without images (an error otherwise)")
         s.add_argument("--image_root", help="base folder of relative image paths (CSV: defaults to its folder)")
         s.add_argument("--max_count", type=int, default=1000, help="samples per shard")
         s.add_argument("--max_size", type=float, default=None,
@@ -426,24 +459,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             names = Path(args.class_names).read_text().splitlines() if args.class_names else None
             manifest = index_shards(urls, args.out, split=args.split, label=args.label, class_names=names)
         else:
+            skipped: dict = {}
             if args.source == "folder":
-                records, names = from_folder(args.src, args.split)
-                if args.fractions:
-                    records = partition(records, parse_fractions(args.fractions), args.seed)
+                records, names = from_folder(args.src, args.split, args.skip_empty_classes, skipped)
             elif args.source == "csv":
                 records, names = from_csv(args.src, args.image_root, args.split)
             else:
                 if not args.image_root:
                     raise ConfigError("--image_root: required for CoOp split files")
                 records, names = from_coop_split(args.src, args.image_root)
+            if args.fractions:
+                if args.source == "coop" or len({r.split for r in records}) > 1:
+                    raise ConfigError(f"--fractions: {args.src} already assigns splits; drop --fractions (or the "
+                                      "split column)")
+                records = partition(records, parse_fractions(args.fractions), args.seed)
             manifest = write_shards(records, names, args.out, max_count=args.max_count,
                                     max_size=int(args.max_size) if args.max_size else None, seed=args.seed,
-                                    reencode=args.reencode, progress=sys.stderr.isatty(), dataset=args.dataset)
+                                    reencode=args.reencode, progress=sys.stderr.isatty(), dataset=args.dataset,
+                                    skipped=skipped)
     except (UserError, OSError) as e:
         print(f"datamodules.shards: error: {e}", file=sys.stderr)
         return 2
     for split, entry in manifest["splits"].items():
         print(f"{split}: {entry['count']} samples in {len(entry['shards'])} shards")
+    left_out = {k: v for k, v in manifest.get("skipped", {}).items() if v}
+    if left_out:
+        print(f"left out: {left_out}")
     print(f"manifest: {Path(args.out) / MANIFEST}")
     return 0
 

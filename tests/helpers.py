@@ -87,3 +87,18 @@ def make_openimages(root: Path, images_per_class: int = 8, seed: int = 0) -> dic
                 if i % 4 == 0:
                     w.writerow([image_id, "crowdsource", label_names[(c + 3) % len(CLASS_NAMES)], 1])  # second label
     return {"labels": root / "labels.csv", "classes": root / "classes.csv", "images": images}
+
+
+class SignalAtStep(L.Callback):
+    """Send this process a signal once training reaches a given global step (preemption, Ctrl-C), as a
+    scheduler or a user would, at an exactly known step."""
+
+    def __init__(self, step: int, signum: int = 15):
+        self.step, self.signum, self.sent = step, signum, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step and not self.sent:
+            import os
+
+            self.sent = True
+            os.kill(os.getpid(), self.signum)

@@ -70,7 +70,7 @@ def test_random_weights_warn():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"model_name": "not-a-model"}, "model_name"),
+    ({"model_name": "not-a-model"}, "backbone: unknown open_clip architecture"),
     ({"model_name": TINY_MODEL, "pretrained": "/no/such/file.pt"}, "pretrained: checkpoint file not found"),
     ({"model_name": "ViT-B-32", "pretrained": "not_a_tag"}, "pretrained: unknown tag"),
 ])
