@@ -99,6 +99,8 @@ class AdapterData(Protocol):
     takes_images: bool
     #: Corrupt shards/samples skipped so far (0 for cached features).
     corrupt_count: int
+    #: The selection protocol of val (`adapters.protocol.PROTOCOLS`): the whole val split, or a few-shot one.
+    protocol: str
 
     def head_data(self) -> tuple[Split | ImageSplit, Split | ImageSplit | None]:
         """The (few-shot) training split and val, whole: what caches and searches are built from."""

@@ -89,6 +89,7 @@ class CachedHeadAdapter(AdapterModule):
         if val is not None:
             self._val = (val.features.to(self.device), val.labels.to(self.device))
             self._val_name = val.name
+            self.selection["protocol"] = self.data.protocol
 
     def _fit_head(self, search: bool) -> Head:
         with torch.no_grad(), eval_mode(self):  # the cache must not depend on dropout

@@ -165,7 +165,10 @@ class CoderHead(Head):
         if self.active_tau is not None:
             self.hparams = {"tau": self.active_tau}
 
-    def forward(self, x: torch.Tensor, text_x: torch.Tensor | None = None) -> torch.Tensor:
+    def _row_cost(self) -> int:
+        return len(self.classifier.embeddings) + 4 * self.num_classes
+
+    def _logits(self, x: torch.Tensor, text_x: torch.Tensor | None) -> torch.Tensor:
         x = x if text_x is None else text_x  # CODER works on the original embeddings
         logits = self.classifier.stage1(x)
         return logits if self.active_tau is None else self.classifier.rerank(x, logits, self.active_tau)

@@ -208,12 +208,10 @@ class DACAdapter(CachedHeadAdapter):
             v = views.shape[1]
             z = self.adapter(views.flatten(0, 1))
             y = labels.repeat_interleave(v)
-            z_all, y_all, offset = z, y, 0
             if self.hparams.gather_negatives and self._trainer is not None and self.trainer.world_size > 1:
-                z_all = self.all_gather(z, sync_grads=True).flatten(0, 1)
-                y_all = self.all_gather(y).flatten(0, 1)
-                offset = self.global_rank * len(z)
-            intra = supervised_contrastive_loss(z, y, z_all, y_all, self.hparams.temperature, offset)
+                intra = self._global_batch_supcon(z, y)
+            else:
+                intra = supervised_contrastive_loss(z, y, z, y, self.hparams.temperature)
             loss = loss + intra
             extra["supcon"] = intra.detach()
         if stage in ("inter", "joint"):
@@ -227,6 +225,20 @@ class DACAdapter(CachedHeadAdapter):
         for p in self._inactive_parameters(stage):
             loss = loss + 0.0 * p.sum()
         return loss, extra
+
+    def _global_batch_supcon(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """SupCon over the global batch on every rank, with gradients through this rank's rows only.
+
+        The other ranks' rows come from a plain all-gather (no collective in the backward, which would
+        race DDP's own gradient all-reduce). Each rank's gradient is then its rows' share of the global
+        loss's gradient; the shares sum to the whole, and DDP averages them, so the loss carries R times
+        the gradient (its value unchanged): the step is the one-process step over the global batch."""
+        world, rank, n = self.trainer.world_size, self.global_rank, len(z)
+        z_all = self.all_gather(z.detach()).flatten(0, 1)
+        z_all = torch.cat([z_all[:rank * n], z, z_all[(rank + 1) * n:]])
+        y_all = self.all_gather(y).flatten(0, 1)
+        loss = supervised_contrastive_loss(z_all, y_all, z_all, y_all, self.hparams.temperature)
+        return loss + (world - 1) * (loss - loss.detach())
 
     def _inactive_parameters(self, stage: str) -> list[torch.nn.Parameter]:
         if stage == "intra":

@@ -15,6 +15,7 @@ loop over grid points). Specs: ../shared/reference/methods-coder-gda-iso.md §1,
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -29,6 +30,30 @@ from adapters.stores import ExtractionStore, register_store
 
 #: CLIP's logit scale, applied to the zero-shot term only (as all reference codes do).
 CLIP_SCALE = 100.0
+
+#: Bound on one block of work: a [queries x keys] affinity block, or a [grid x queries x classes] block
+#: of a search, holds at most this many elements (2**25 float32 = 128 MB), whatever the number of
+#: queries, keys and classes. None computes whole matrices (the unchunked path, for comparison).
+CHUNK_ELEMENTS: int | None = 1 << 25
+
+
+@contextlib.contextmanager
+def chunking(elements: int | None):
+    """Set `CHUNK_ELEMENTS` inside the block (``evaluate.py --chunk_mb``)."""
+    global CHUNK_ELEMENTS
+    previous, CHUNK_ELEMENTS = CHUNK_ELEMENTS, elements
+    try:
+        yield
+    finally:
+        CHUNK_ELEMENTS = previous
+
+
+def row_chunks(rows: int, per_row: int) -> list[slice]:
+    """Slices of ``rows`` queries such that a block of ``per_row`` elements per query fits the bound."""
+    if CHUNK_ELEMENTS is None or rows == 0:
+        return [slice(0, rows)]
+    step = max(1, CHUNK_ELEMENTS // max(1, per_row))
+    return [slice(s, min(rows, s + step)) for s in range(0, rows, step)]
 
 
 class HeadSkipped(Exception):
@@ -101,19 +126,31 @@ def build_head(name: str, **config) -> Head:
 
 def class_means(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Per-class mean of rows of ``x`` [C, D] (zeros for a class with no sample)."""
-    sums = torch.zeros(num_classes, x.shape[1], dtype=x.dtype).index_add_(0, y, x)
+    sums = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, y, x)
     counts = torch.bincount(y, minlength=num_classes).clamp_min(1).to(x.dtype)
     return sums / counts[:, None]
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Top-1 accuracy of logits [..., M, C] against labels [M], reduced over M."""
-    return (logits.argmax(-1) == labels).float().mean(-1)
+    return correct(logits, labels).float() / len(labels)
+
+
+def correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Number of correct top-1 predictions of logits [..., M, C] against labels [M]: [...] (integers, so
+    that sums over blocks of queries are exact and ties are ties)."""
+    return (logits.argmax(-1) == labels).sum(-1)
 
 
 def mixing_accuracy(base: torch.Tensor, extra: torch.Tensor, labels: torch.Tensor,
                     alphas: torch.Tensor) -> torch.Tensor:
-    """Accuracy of ``argmax(base + alpha * extra)`` for every alpha at once: [..., A].
+    """Accuracy of ``argmax(base + alpha * extra)`` for every alpha at once: [..., A]."""
+    return mixing_correct(base, extra, labels, alphas).float() / len(labels)
+
+
+def mixing_correct(base: torch.Tensor, extra: torch.Tensor, labels: torch.Tensor,
+                   alphas: torch.Tensor) -> torch.Tensor:
+    """Number of correct predictions of ``argmax(base + alpha * extra)`` for every alpha at once: [..., A].
 
     ``base`` [M, C] (or broadcastable) and ``extra`` [..., M, C]. The true class y wins at alpha iff
     for every other class c: ``(base_y - base_c) + alpha * (extra_y - extra_c) > 0``, an intersection of
@@ -130,8 +167,9 @@ def mixing_accuracy(base: torch.Tensor, extra: torch.Tensor, labels: torch.Tenso
     lo = torch.where(d_extra > 0, cross, -math.inf).amax(-1)
     hi = torch.where(d_extra < 0, cross, math.inf).amin(-1)
     never = ((d_extra == 0) & (d_base <= 0) & ~is_true).any(-1)
+    alphas = alphas.to(lo.device, lo.dtype)
     wins = (alphas > lo[..., None]) & (alphas < hi[..., None]) & ~never[..., None]
-    return wins.float().mean(-2)
+    return wins.sum(-2)
 
 
 def first_best(acc: torch.Tensor) -> tuple[int, ...]:
@@ -178,6 +216,7 @@ class Head(nn.Module):
         if self.needs_text and data.text is None:
             raise HeadSkipped(f"{self.name} needs text features (a zero-shot classifier); the file has none")
         self._given = dict(hparams) if hparams is not None else None
+        self.num_classes = data.num_classes
         self._fit(data, **inputs)
         return self
 
@@ -189,8 +228,24 @@ class Head(nn.Module):
         return None
 
     def forward(self, x: torch.Tensor, text_x: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [M, C]; ``text_x`` are the features for the zero-shot term when they differ from ``x``."""
+        """Logits [M, C]; ``text_x`` are the features for the zero-shot term when they differ from ``x``.
+        Computed over blocks of queries (`row_chunks`, each head's `_logits`): the work of one block is
+        bounded whatever M, and the output is the only [M, C] tensor."""
+        out = None
+        for rows in row_chunks(len(x), self._row_cost()):
+            block = self._logits(x[rows], None if text_x is None else text_x[rows])
+            if out is None:
+                out = torch.empty((len(x),) + block.shape[1:], dtype=block.dtype, device=block.device)
+            out[rows] = block
+        return out
+
+    def _logits(self, x: torch.Tensor, text_x: torch.Tensor | None) -> torch.Tensor:
+        """Logits of one block of queries."""
         raise NotImplementedError
+
+    def _row_cost(self) -> int:
+        """Elements of work per query in `_logits` (a few [C]-sized rows by default)."""
+        return 4 * self.num_classes
 
     def _zero_shot(self, x: torch.Tensor, text_x: torch.Tensor | None) -> torch.Tensor:
         x = x if text_x is None else F.normalize(text_x.float(), dim=-1)
@@ -227,7 +282,7 @@ class ZeroShotHead(Head):
     def _fit(self, data: FitData) -> None:
         self.register_buffer("text", data.text)
 
-    def forward(self, x: torch.Tensor, text_x: torch.Tensor | None = None) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor, text_x: torch.Tensor | None) -> torch.Tensor:
         return self._zero_shot(F.normalize(x.float(), dim=-1), text_x)
 
 
@@ -240,7 +295,7 @@ class PrototypeHead(Head):
     def _fit(self, data: FitData) -> None:
         self.register_buffer("prototypes", F.normalize(class_means(data.train_x, data.train_y, data.num_classes), dim=-1))
 
-    def forward(self, x: torch.Tensor, text_x: torch.Tensor | None = None) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor, text_x: torch.Tensor | None) -> torch.Tensor:
         return CLIP_SCALE * F.normalize(x.float(), dim=-1) @ self.prototypes.T
 
 
@@ -275,7 +330,7 @@ class CacheModel(nn.Module):
         computes ``exp(-beta (shift - A))`` instead of ``exp(-beta (1 - A))``: the same logits up to a
         positive factor per query (so the same ranking), without underflow at large beta.
         """
-        beta = torch.as_tensor(beta, dtype=affinity.dtype)
+        beta = torch.as_tensor(beta, dtype=affinity.dtype, device=affinity.device)
         beta = beta.reshape(beta.shape + (1,) * affinity.ndim)
         centred = affinity - (1 if shift is None else shift)
         if buffer is None:
@@ -288,7 +343,7 @@ class CacheModel(nn.Module):
         """``weights @ L``: per-query weights of the keys [..., M, N] summed per class, [..., M, C]."""
         if self.shots_per_class:
             return weights.unflatten(-1, (self.num_classes, self.shots_per_class)).sum(-1)
-        out = torch.zeros(weights.shape[:-1] + (self.num_classes,), dtype=weights.dtype)
+        out = torch.zeros(weights.shape[:-1] + (self.num_classes,), dtype=weights.dtype, device=weights.device)
         return out.index_add_(-1, self.labels, weights)
 
     def log_from_affinity(self, affinity: torch.Tensor, beta: float) -> torch.Tensor:
@@ -297,7 +352,7 @@ class CacheModel(nn.Module):
         z = beta * (affinity - 1)
         if self.shots_per_class:
             return z.unflatten(-1, (self.num_classes, self.shots_per_class)).logsumexp(-1)
-        top = torch.full(z.shape[:-1] + (self.num_classes,), -math.inf, dtype=z.dtype)
+        top = torch.full(z.shape[:-1] + (self.num_classes,), -math.inf, dtype=z.dtype, device=z.device)
         top = top.scatter_reduce(-1, self.labels.expand_as(z), z, reduce="amax")
         total = torch.zeros_like(top).index_add_(-1, self.labels, (z - top[..., self.labels]).exp())
         return total.log() + top
@@ -381,45 +436,55 @@ class TipAdapterHead(Head):
                val_text_x: torch.Tensor | None = None) -> tuple[float, float]:
         """Vectorised grid search on val.
 
-        The affinity is computed once; betas go through the cache in chunks sharing one buffer, and
-        each chunk scores all alphas at once (`mixing_accuracy`). Returns (alpha, beta).
+        Val queries go through in blocks (`row_chunks`: no [val x cache] matrix is kept whole); in each,
+        betas go through the cache in chunks sharing one buffer, and each chunk scores all alphas at once
+        (`mixing_correct`). Correct counts add up exactly over blocks. Returns (alpha, beta).
         """
-        affinity = self.affinity(val_x)
         if self.text is None and self.wide_image_only_search:
-            return 1.0, self._search_cache_only(affinity, val_y)
+            return 1.0, self._search_cache_only(val_x, val_y)
         betas, alphas = self.grid()
         zs = None if self.text is None else self._zero_shot(val_x, val_text_x)
-        i, j = first_best(self._grid_accuracy(affinity, val_y, betas, alphas, zs))
+        i, j = first_best(self._grid_correct(val_x, val_y, betas, alphas, zs))
         self._note_edge("beta", i, betas)
         if zs is not None:
             self._note_edge("alpha", j, alphas)
         return (1.0 if zs is None else float(alphas[j])), float(betas[i])
 
-    def _grid_accuracy(self, affinity: torch.Tensor, val_y: torch.Tensor, betas: torch.Tensor,
-                       alphas: torch.Tensor | None = None, zs: torch.Tensor | None = None,
-                       shift: torch.Tensor | None = None) -> torch.Tensor:
-        """Val accuracy [len(betas), len(alphas) or 1] of the cache (plus the zero-shot term ``zs``)."""
-        buffer = torch.empty((min(self.chunk, len(betas)),) + affinity.shape, dtype=affinity.dtype)
-        accs = []
-        for start in range(0, len(betas), self.chunk):
-            cache = self.cache.from_affinity(affinity, betas[start:start + self.chunk], buffer, shift=shift)
-            accs.append(accuracy(cache, val_y)[:, None] if zs is None else mixing_accuracy(zs, cache, val_y, alphas))
-        return torch.cat(accs)
+    def _grid_correct(self, val_x: torch.Tensor, val_y: torch.Tensor, betas: torch.Tensor,
+                      alphas: torch.Tensor | None = None, zs: torch.Tensor | None = None,
+                      stable: bool = False) -> torch.Tensor:
+        """Correct val predictions [len(betas), len(alphas) or 1] of the cache (plus the zero-shot term
+        ``zs``); ``stable``: weights relative to each query's best key (cache-only ranking, any beta)."""
+        width = min(self.chunk, len(betas))
+        total = None
+        for rows in row_chunks(len(val_x), width * len(self.cache.keys)):
+            affinity = self.affinity(val_x[rows])
+            shift = affinity.amax(-1, keepdim=True) if stable else None
+            buffer = torch.empty((width,) + affinity.shape, dtype=affinity.dtype, device=affinity.device)
+            y, counts = val_y[rows], []
+            for start in range(0, len(betas), self.chunk):
+                cache = self.cache.from_affinity(affinity, betas[start:start + self.chunk], buffer, shift=shift)
+                counts.append(correct(cache, y)[:, None] if zs is None else mixing_correct(zs[rows], cache, y, alphas))
+            block = torch.cat(counts)
+            total = block if total is None else total + block
+        return total
 
-    def _search_cache_only(self, affinity: torch.Tensor, val_y: torch.Tensor) -> float:
+    def _search_cache_only(self, val_x: torch.Tensor, val_y: torch.Tensor) -> float:
         """Cache-only beta: a log grid, then a linear refinement between the best point's neighbours."""
         lo, hi, steps = self.image_only_betas
-        shift = affinity.amax(-1, keepdim=True)
-        coarse = torch.logspace(math.log10(lo), math.log10(hi), int(steps), dtype=affinity.dtype)
-        (i, _) = first_best(self._grid_accuracy(affinity, val_y, coarse, shift=shift))
+        coarse = torch.logspace(math.log10(lo), math.log10(hi), int(steps), dtype=val_x.dtype, device=val_x.device)
+        (i, _) = first_best(self._grid_correct(val_x, val_y, coarse, stable=True))
         self._note_edge("beta", i, coarse, " (log grid; at the upper edge the cache is a nearest-neighbour rule)"
                         if i == len(coarse) - 1 else " (log grid)")
         fine = torch.linspace(float(coarse[max(i - 1, 0)]), float(coarse[min(i + 1, len(coarse) - 1)]),
-                              self.refine_steps, dtype=affinity.dtype)
-        (j, _) = first_best(self._grid_accuracy(affinity, val_y, fine, shift=shift))
+                              self.refine_steps, dtype=val_x.dtype, device=val_x.device)
+        (j, _) = first_best(self._grid_correct(val_x, val_y, fine, stable=True))
         return float(fine[j])
 
-    def forward(self, x: torch.Tensor, text_x: torch.Tensor | None = None) -> torch.Tensor:
+    def _row_cost(self) -> int:
+        return len(self.cache.keys) + 4 * self.num_classes  # no [M x cache] matrix kept whole
+
+    def _logits(self, x: torch.Tensor, text_x: torch.Tensor | None) -> torch.Tensor:
         x = F.normalize(x.float(), dim=-1)
         affinity = self.affinity(x)
         if self._log_cache:
@@ -442,7 +507,8 @@ def ks_precision(x: torch.Tensor, y: torch.Tensor, means: torch.Tensor) -> torch
     n, d = x.shape
     if not torch.isfinite(cov).all() or float(torch.trace(cov)) <= 1e-12:
         return None
-    return (d * torch.linalg.pinv((n - 1) * cov + torch.trace(cov) * torch.eye(d, dtype=cov.dtype))).float()
+    eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
+    return (d * torch.linalg.pinv((n - 1) * cov + torch.trace(cov) * eye)).float()
 
 
 class GaussianHead(Head):
@@ -494,14 +560,14 @@ class GDAHead(GaussianHead):
         if self._given is not None:
             self.alpha = float(self._given["alpha"])
         elif not self._skip_search(data, "alpha"):
-            alphas = torch.tensor(self.alphas)
+            alphas = torch.tensor(self.alphas, device=data.val_x.device)
             zs, gda = self._zero_shot(data.val_x, data.val_text_x), data.val_x @ self.weight.T + self.bias
             (i,) = first_best(mixing_accuracy(zs, gda, data.val_y, alphas))
             self.alpha = float(alphas[i])
             self._note_edge("alpha", i, alphas)
         self.hparams = {"alpha": self.alpha}
 
-    def forward(self, x: torch.Tensor, text_x: torch.Tensor | None = None) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor, text_x: torch.Tensor | None) -> torch.Tensor:
         x = F.normalize(x.float(), dim=-1)
         gda = x @ self.weight.T + self.bias
         if self.text is None:
@@ -578,7 +644,7 @@ class IsoCLIPHead(Head):
         """IsoCLIP image embeddings (for retrieval or any other head), [B, d]."""
         return F.normalize(preprojection.float() @ self.projector, dim=-1)
 
-    def forward(self, x: torch.Tensor, text_x: torch.Tensor | None = None) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor, text_x: torch.Tensor | None) -> torch.Tensor:
         return CLIP_SCALE * self.transform(x) @ self.prototypes.T
 
 
@@ -639,19 +705,23 @@ class MixingHead(GaussianHead):
         """Mixed prototypes [..., C, D] for one rank and one or more lambdas."""
         p = self._directions[:rank]
         aligned = F.normalize(self._prototypes @ p.T @ p, dim=-1)
-        lam = torch.as_tensor(lam, dtype=aligned.dtype).reshape(-1, 1, 1)
+        lam = torch.as_tensor(lam, dtype=aligned.dtype, device=aligned.device).reshape(-1, 1, 1)
         return F.normalize(lam * aligned + (1 - lam) * self.text, dim=-1).squeeze(0)
 
     def _search(self, data: FitData) -> None:
-        lambdas, gammas = torch.tensor(self.lambdas), torch.tensor(self.gammas)
-        lda = data.val_x @ self.weight.T + self.bias
+        device = data.val_x.device
+        lambdas, gammas = torch.tensor(self.lambdas, device=device), torch.tensor(self.gammas, device=device)
         ranks = sorted({max(1, round(f * self._directions.shape[0])) for f in self.ranks})
         best = (-1.0, None)
         for rank in ranks:  # a handful of ranks; lambdas and gammas are scored in one batch each
             mixed = self.mix(lambdas, rank).reshape(len(lambdas), data.num_classes, -1)
-            base = CLIP_SCALE * torch.einsum("md,lcd->lmc", data.val_x, mixed)
-            acc = mixing_accuracy(base, lda, data.val_y, gammas)  # [lambdas, gammas]
-            i, j = first_best(acc)
+            acc = 0
+            # blocks of val queries; the alpha scoring keeps ~4 [lambdas x rows x classes] temporaries alive
+            for rows in row_chunks(len(data.val_x), 4 * len(lambdas) * data.num_classes):
+                x = data.val_x[rows]
+                base = CLIP_SCALE * torch.einsum("md,lcd->lmc", x, mixed)
+                acc = acc + mixing_correct(base, x @ self.weight.T + self.bias, data.val_y[rows], gammas)
+            i, j = first_best(acc)  # [lambdas, gammas]
             if float(acc[i, j]) > best[0]:
                 best = (float(acc[i, j]), (float(lambdas[i]), rank, float(gammas[j])), (i, j))
         self.lam, self.rank, self.gamma = best[1]
@@ -659,6 +729,6 @@ class MixingHead(GaussianHead):
         self._note_edge("rank", ranks.index(self.rank), ranks)
         self._note_edge("gamma", best[2][1], gammas)
 
-    def forward(self, x: torch.Tensor, text_x: torch.Tensor | None = None) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor, text_x: torch.Tensor | None) -> torch.Tensor:
         x = F.normalize(x.float(), dim=-1)
         return CLIP_SCALE * x @ self.mixed.T + self.gamma * (x @ self.weight.T + self.bias)

@@ -24,6 +24,7 @@ features of every split; ``evaluate.py`` then compares ZS, TA (cache on original
 """
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import open_clip
@@ -35,7 +36,7 @@ from torchvision import transforms as T
 from adapters.backbone import FrozenCLIP, pool_views, register_model_configs
 from adapters.base import AdapterModule, derived, register_adapter
 from adapters.errors import ConfigError
-from adapters.heads import FitData, TipAdapterHead, first_best, mixing_accuracy, register_head
+from adapters.heads import FitData, TipAdapterHead, first_best, mixing_correct, register_head, row_chunks
 
 
 class ParallelAdapter(nn.Module):
@@ -236,18 +237,18 @@ class TipIMOGridHead(TipAdapterHead):
         return _linspace(IMO_BETAS), _linspace(IMO_ALPHAS)
 
 
-def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+def kl_divergence(p: torch.Tensor, q: torch.Tensor | None = None, log_q: torch.Tensor | None = None) -> torch.Tensor:
     """``KL(p_i || q_j)`` for every pair of rows: [M, C] x [N, C] -> [M, N] (all rows: the reference's loop
-    leaves the last ``M mod 100`` rows at 0, a bug not reproduced)."""
-    return (p * p.log()).sum(-1, keepdim=True) - p @ q.log().T
+    leaves the last ``M mod 100`` rows at 0, a bug not reproduced). ``log_q`` may be given instead of
+    ``q`` (a head computes it once, not per block of queries)."""
+    return (p * p.log()).sum(-1, keepdim=True) - p @ (q.log() if log_q is None else log_q).T
 
 
-def rescale_into(values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Min-max rescale ``values`` into ``[target.min(), target.max()]`` (over the whole matrix, as SuS-X's
-    ``scale_``)."""
-    lo, hi = values.min(), values.max()
-    unit = (values - lo) / (hi - lo).clamp_min(1e-12)
-    return unit * (target.max() - target.min()) + target.min()
+def rescale_into(values: torch.Tensor, value_range: tuple, target_range: tuple) -> torch.Tensor:
+    """Min-max rescale ``values`` from ``value_range`` into ``target_range`` (SuS-X's ``scale_``, whose
+    ranges are those of the whole matrices of a split)."""
+    (lo, hi), (t_lo, t_hi) = value_range, target_range
+    return (values - lo) / max(hi - lo, 1e-12) * (t_hi - t_lo) + t_lo
 
 
 @register_head
@@ -258,8 +259,9 @@ class TipXHead(TipAdapterHead):
     and each cache image's image-to-text class distributions (softmax of cosines to the class text
     embeddings / 0.5), always from the *original* features, and is rescaled into the range of ``A``
     over the split (the reference's ``scale_``: a query's logits therefore depend on the split it is
-    scored with). alpha, beta, gamma on IMO's grid (beta, then alpha, then gamma; first best on val),
-    the search run separately for Tip-X and Tip-X++ (each feature space is its own row)."""
+    scored with; the ranges are taken in a first pass over blocks of queries, so no [queries x cache]
+    matrix is kept whole). alpha, beta, gamma on IMO's grid (beta, then alpha, then gamma; first best
+    on val), the search run separately for Tip-X and Tip-X++ (each feature space is its own row)."""
 
     name = "tipx"
     needs_text = True
@@ -269,6 +271,9 @@ class TipXHead(TipAdapterHead):
     def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
         return _linspace(IMO_BETAS), _linspace(IMO_ALPHAS)
 
+    def adapted_note(self, has_text: bool) -> str | None:
+        return "cache on adapted features; zero-shot and KL terms on the original ones (Tip-X++)"
+
     def _text_distribution(self, x: torch.Tensor) -> torch.Tensor:
         return (F.normalize(x.float(), dim=-1) @ self.text.T / TIPX_TEMPERATURE).softmax(-1)
 
@@ -277,31 +282,42 @@ class TipXHead(TipAdapterHead):
         self.register_buffer("text", data.text)
         # the cache images' text distributions, in the cache's own (label-sorted) order
         order = torch.argsort(data.train_y, stable=True)
-        self.register_buffer("cache_q", self._text_distribution(data.train_text_x[order]))
+        self.register_buffer("cache_log_q", self._text_distribution(data.train_text_x[order]).log())
         super()._fit(data, keys)
         if self._given is not None:
             self.gamma = float(self._given.get("gamma", 0.0))
         self.hparams["gamma"] = round(self.gamma, 4)
 
-    def adapted_note(self, has_text: bool) -> str | None:
-        return "cache on adapted features; zero-shot and KL terms on the original ones (Tip-X++)"
+    def _split_ranges(self, x: torch.Tensor, text_x: torch.Tensor) -> tuple[tuple, tuple]:
+        """(KL range, affinity range) over the whole split, in blocks of queries."""
+        kl_lo = a_lo = math.inf
+        kl_hi = a_hi = -math.inf
+        for rows in row_chunks(len(x), 3 * len(self.cache.keys)):  # KL, affinity and a temporary alive
+            kl = kl_divergence(self._text_distribution(text_x[rows]), log_q=self.cache_log_q)
+            affinity = self.affinity(x[rows])
+            kl_lo, kl_hi = min(kl_lo, float(kl.min())), max(kl_hi, float(kl.max()))
+            a_lo, a_hi = min(a_lo, float(affinity.min())), max(a_hi, float(affinity.max()))
+        return (kl_lo, kl_hi), (a_lo, a_hi)
 
-    def kl_logits(self, affinity: torch.Tensor, text_x: torch.Tensor) -> torch.Tensor:
-        """``(-KL~) L`` [M, C]: the rescaled negative KL term summed per class."""
-        kl = rescale_into(kl_divergence(self._text_distribution(text_x), self.cache_q), affinity)
-        return self.cache.class_sum(-kl)
+    def _kl_logits(self, text_x: torch.Tensor, ranges: tuple) -> torch.Tensor:
+        """``(-KL~) L`` [M, C] for a block of queries: the rescaled negative KL term summed per class."""
+        kl = kl_divergence(self._text_distribution(text_x), log_q=self.cache_log_q)
+        return self.cache.class_sum(-rescale_into(kl, *ranges))
 
     def search(self, val_x: torch.Tensor, val_y: torch.Tensor,
                val_text_x: torch.Tensor | None = None) -> tuple[float, float]:
         betas, alphas = self.grid()
-        gammas = _linspace(IMO_GAMMAS)
-        affinity = self.affinity(val_x)
-        zs = self._zero_shot(val_x, val_text_x)
-        kl = self.kl_logits(affinity, val_text_x if val_text_x is not None else val_x)
-        base = zs + gammas[:, None, None] * kl  # [G, M, C]
-        accs = torch.stack([mixing_accuracy(base, self.cache.from_affinity(affinity, beta), val_y, alphas).T
-                            for beta in betas])  # [B, A, G]
-        i, j, k = first_best(accs)
+        gammas = _linspace(IMO_GAMMAS).to(val_x.device)
+        text_x = val_x if val_text_x is None else val_text_x
+        ranges = self._split_ranges(val_x, text_x)
+        per_row = max(len(self.cache.keys), 8 * len(gammas) * self.text.shape[0])  # a block's largest tensors
+        total = 0
+        for rows in row_chunks(len(val_x), per_row):
+            affinity, y = self.affinity(val_x[rows]), val_y[rows]
+            base = self._zero_shot(val_x[rows], text_x[rows]) + gammas[:, None, None] * self._kl_logits(text_x[rows], ranges)
+            total = total + torch.stack([mixing_correct(base, self.cache.from_affinity(affinity, beta), y, alphas).T
+                                         for beta in betas])  # [B, A, G]
+        i, j, k = first_best(total)
         self._note_edge("beta", i, betas)
         self._note_edge("alpha", j, alphas)
         self._note_edge("gamma", k, gammas)
@@ -311,6 +327,13 @@ class TipXHead(TipAdapterHead):
     def forward(self, x: torch.Tensor, text_x: torch.Tensor | None = None) -> torch.Tensor:
         x = F.normalize(x.float(), dim=-1)
         text_x = x if text_x is None else F.normalize(text_x.float(), dim=-1)
+        self._ranges = self._split_ranges(x, text_x)  # the split's ranges first, then block by block
+        return super().forward(x, text_x)
+
+    def _row_cost(self) -> int:
+        return 4 * len(self.cache.keys) + 4 * self.num_classes  # KL, affinity, its exp and a temporary
+
+    def _logits(self, x: torch.Tensor, text_x: torch.Tensor | None) -> torch.Tensor:
         affinity = self.affinity(x)
-        return (self._zero_shot(x, text_x) + self.gamma * self.kl_logits(affinity, text_x)
+        return (self._zero_shot(x, text_x) + self.gamma * self._kl_logits(text_x, self._ranges)
                 + self.alpha * self.cache.from_affinity(affinity, self.beta))

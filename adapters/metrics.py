@@ -28,11 +28,15 @@ def classification_metrics(num_classes: int, prefix: str = "") -> MetricCollecti
     return MetricCollection(metrics, prefix=prefix, compute_groups=False)
 
 
-def score(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+def score(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 4096) -> dict[str, float]:
     """All metrics of `classification_metrics` for one set of logits, as plain floats in [0, 1]
-    (``acc5`` is NaN with fewer than 5 classes, as in CLIP_benchmark)."""
-    metrics = classification_metrics(logits.shape[-1])
-    values = {k: float(v) for k, v in metrics(logits.float(), labels.long()).items()}
+    (``acc5`` is NaN with fewer than 5 classes, as in CLIP_benchmark). Updated ``chunk`` rows at a time:
+    torchmetrics expands a batch into several [rows, classes] integer tensors, 2 GB at ImageNet size."""
+    metrics = classification_metrics(logits.shape[-1]).to(logits.device)
+    labels = labels.long().to(logits.device)
+    for start in range(0, len(labels), chunk):
+        metrics.update(logits[start:start + chunk].float(), labels[start:start + chunk])
+    values = {k: float(v) for k, v in metrics.compute().items()}
     values.setdefault("acc5", math.nan)
     return {k: values[k] for k in METRIC_NAMES}
 

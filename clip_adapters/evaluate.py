@@ -31,10 +31,10 @@ import torch.nn.functional as F
 
 from adapters.atomic import atomic_write_text
 from adapters.errors import UserError
-from adapters.heads import FitData, HeadSkipped, build_head
+from adapters.heads import FitData, HeadSkipped, build_head, chunking
 from adapters.loading import heads as registered_heads
 from adapters.metrics import score
-from adapters.protocol import canonical_dataset
+from adapters.protocol import PROTOCOLS, canonical_dataset, cross_validation_folds, realistic_val_shots
 from datamodules.feature_file import FeatureFile
 
 #: How errors name this command: ``evaluate.py`` from a checkout, ``clip-adapters-evaluate`` installed.
@@ -59,6 +59,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="shots per class; uses the file's train_{K}shot split, else samples K per class from train")
     p.add_argument("--seeds", nargs="+", type=int, default=[1], metavar="S",
                    help="few-shot sampling seeds (only when sampling from a full train split)")
+    p.add_argument("--protocol", nargs="+", default=["full"], choices=PROTOCOLS,
+                   help="where choices are made: 'full' (the whole val split) and/or 'realistic' (min(K, 4) val "
+                        "images per class, CoOp's rule; cross-validation on the training shots without val)")
+    p.add_argument("--fewshot_dir", default=None, metavar="DIR",
+                   help="Dassl's split_fewshot folder: use the train (and realistic val) subsets of its "
+                        "shot_{K}-seed_{S}.pkl files, matched on the feature file's sample keys")
     p.add_argument("--heads", default=DEFAULT_HEADS,
                    help=f"comma-separated heads (known: {', '.join(sorted(HEADS))}); default: {DEFAULT_HEADS}")
     p.add_argument("--adapter", nargs="+", default=[], metavar="DIR",
@@ -72,6 +78,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "unless this is given)")
     p.add_argument("--output", default="eval_results.json", metavar="JSON",
                    help="where to write the results (a JSON list of records); '' to skip")
+    p.add_argument("--device", default="cpu", help="where heads are fit and searched: cpu, cuda, cuda:1, ...")
+    p.add_argument("--chunk_mb", type=float, default=128.0,
+                   help="memory bound of one block of search or inference work (a [queries x cache] affinity "
+                        "block); 0: whole matrices")
     p.add_argument("--allow_dataset_mismatch", action="store_true",
                    help="score --adapter exports on features of another dataset or other class names "
                         "(refused by default: same class count, different classes)")
@@ -82,6 +92,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--heads: unknown head {unknown[0]!r} (known: {', '.join(sorted(HEADS))})")
     if any(k < 1 for k in args.shots):
         p.error("--shots: must be positive integers")
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device: {args.device!r} is not a device (cpu, cuda, cuda:1, ...)")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device: cuda requested, but no CUDA device is available here")
+    if args.chunk_mb < 0:
+        p.error("--chunk_mb: must be >= 0")
     return args
 
 
@@ -134,12 +152,20 @@ def _honest(record: dict) -> dict:
 
 def evaluate_file(path: str, heads: Sequence[str], shots: Sequence[int], seeds: Sequence[int],
                   adapters: Sequence = (), adapter_paths: Sequence[str] = (),
-                  allow_dataset_mismatch: bool = False) -> list[dict]:
-    """Fit and score every head on one feature file; returns one record per (shots, seed, head).
+                  allow_dataset_mismatch: bool = False, device: torch.device | str = "cpu",
+                  protocols: Sequence[str] = ("full",), fewshot_dir: str | None = None) -> list[dict]:
+    """Fit and score every head on one feature file; returns one record per (shots, seed, protocol, head).
+
+    ``protocols``: where choices are made (`adapters.protocol.PROTOCOLS`): the whole val split, or a
+    few-shot val (min(K, 4) per class); without val, ``realistic`` cross-validates on the training shots.
+    Every record says which (``protocol``, ``val``) and its accuracy on that selection data (``val_acc1``,
+    cross-validated without val): what a user may choose among heads on.
 
     For each adapter: one record for its own inference and one per head run on its adapted features
-    (the zero-shot term of a head still uses the original features, as TA++ does).
+    (the zero-shot term of a head still uses the original features, as TA++ does). Heads are fit,
+    searched and scored on ``device``; the adapters' own inference runs where they were loaded.
     """
+    device = torch.device(device)
     ff = FeatureFile(path)
     ff.verify()
     mismatch_notes = {p: _check_adapter(a, ff, p, allow_dataset_mismatch) for a, p in zip(adapters, adapter_paths)}
@@ -148,7 +174,6 @@ def evaluate_file(path: str, heads: Sequence[str], shots: Sequence[int], seeds: 
     if not ff.has_split(eval_split):
         raise UserError(f"{ff.path}: no 'test' or 'val' split to evaluate on (has: {', '.join(ff.splits)})")
     evaluation = ff.split(eval_split)
-    val = ff.split("val") if eval_split == "test" and ff.has_split("val") else None
     records = []
     base = {"dataset": ff.dataset, "model": ff.metadata.get("backbone", "unknown"),
             "pretrained": ff.metadata.get("pretrained", "unknown"), "task": "fewshot_classification",
@@ -157,7 +182,7 @@ def evaluate_file(path: str, heads: Sequence[str], shots: Sequence[int], seeds: 
         selection = adapter.selection
         chosen = _selected_splits(selection.get("head"), selection.get("weights"))
         record = {**base, "head": f"{adapter.method} (adapter)", "shots": None, "seed": None,
-                  "train": "the adapter's own training set",
+                  "protocol": selection.get("protocol") or "full", "train": "the adapter's own training set",
                   "selected_on": f"{', '.join(chosen)} (at training time)" if chosen else "nothing (defaults)",
                   "selected_splits": chosen, "adapter": adapter_path}
         if eval_split not in chosen:
@@ -168,43 +193,122 @@ def evaluate_file(path: str, heads: Sequence[str], shots: Sequence[int], seeds: 
         records.append(_honest({**record, "metrics": None} if eval_split in chosen else record))
     file_view = ff.metadata.get("adapter") if evaluation.extra.get("adapted") is not None else None  # e.g. IMO's TA++
     for k in shots:
-        fixed = ff.has_split(f"train_{k}shot")
+        fixed = ff.has_split(f"train_{k}shot") and fewshot_dir is None
         for seed in ([None] if fixed else seeds):
-            train, train_desc = ff.train_split(k, seed if seed is not None else 1)
-            for view in _views(train, val, evaluation, adapters, adapter_paths, file_view):
-                for name in heads:
-                    if view["name"] and HEADS[name].original_only:
-                        continue  # it uses the original features only: identical to the plain row
-                    record = {**base, "head": f"{name}+{view['name']}" if view["name"] else name,
-                              "shots": k, "seed": seed, "train": train_desc}
-                    if view["source"]:
-                        record["adapter"] = view["source"]
-                    try:
-                        head, logits = _fit_and_score(name, ff, train, val, evaluation, view)
-                    except HeadSkipped as e:
-                        records.append({**record, "selected_on": "nothing", "selected_splits": [], "skipped": str(e)})
-                        continue
-                    chosen = _selected_splits("val" if head.searched else None, view["weights_selected_on"])
-                    record["selected_on"] = ", ".join(chosen) if chosen else (
-                        "nothing (hyper-parameters at their defaults)" if head.hparams else "nothing (no hyper-parameters)")
-                    record["selected_splits"] = chosen
-                    notes = list(head.notes) + list(view["notes"])
-                    if eval_split == "val":
-                        notes.append("no test split: scored on val")
-                    if view["name"] and head.adapted_note(text is not None):
-                        notes.append(head.adapted_note(text is not None))
-                    metrics = score(logits, evaluation.labels)
-                    records.append(_honest({**record, "hyperparameters": head.hparams, "notes": notes,
-                                            "metrics": metrics}))
+            for protocol in protocols:
+                train, train_desc, val, val_desc = ff.fewshot(k, seed if seed is not None else 1, protocol, fewshot_dir)
+                if eval_split == "val":  # the file's only labelled split is the one scored: nothing to choose on
+                    val, val_desc = None, "none (val is the split scored)"
+                cv_folds = realistic_val_shots(k) if protocol == "realistic" and val is None and eval_split == "test" else 0
+                for view in _views(train, val, evaluation, adapters, adapter_paths, file_view, device):
+                    for name in heads:
+                        if view["name"] and HEADS[name].original_only:
+                            continue  # it uses the original features only: identical to the plain row
+                        record = {**base, "head": f"{name}+{view['name']}" if view["name"] else name,
+                                  "shots": k, "seed": seed, "protocol": protocol, "train": train_desc, "val": val_desc}
+                        if view["source"]:
+                            record["adapter"] = view["source"]
+                        records.append(_head_record(record, name, ff, train, val, evaluation, view, cv_folds, text))
     for r in records:  # enforced, not just intended: a leaky record is a bug
         assert r["eval_split"] not in r["selected_splits"], r
     return records
 
 
+def _head_record(record: dict, name: str, ff: FeatureFile, train, val, evaluation, view: dict, cv_folds: int,
+                 text) -> dict:
+    """Fit head ``name`` in one feature space (choosing on val, or by ``cv_folds``-fold cross-validation on
+    the training shots when ``cv_folds`` > 1), score the evaluation split and describe it in ``record``."""
+    try:
+        if cv_folds > 1:
+            hparams, cv_acc = _cross_validate(name, ff, train, view, cv_folds)
+            head, logits, val_acc = _fit_and_score(name, ff, train, None, evaluation, view, hparams=hparams)
+            head.searched, val_acc = hparams is not None, cv_acc
+            record["val"] = f"none: {cv_folds}-fold cross-validation of the training shots"
+        else:
+            head, logits, val_acc = _fit_and_score(name, ff, train, val, evaluation, view)
+    except HeadSkipped as e:
+        return {**record, "selected_on": "nothing", "selected_splits": [], "skipped": str(e)}
+    on = "val" if val is not None else f"train ({cv_folds}-fold cross-validation of the shots)"
+    chosen = _selected_splits("val" if head.searched and val is not None else
+                              "train" if head.searched else None, view["weights_selected_on"])
+    record["selected_on"] = (", ".join(on if c in ("val", "train") else c for c in chosen) if chosen else
+                             "nothing (hyper-parameters at their defaults)" if head.hparams else
+                             "nothing (no hyper-parameters)")
+    record["selected_splits"] = chosen
+    notes = [n for n in head.notes if not (cv_folds > 1 and head.searched and n.startswith("no val split"))]
+    notes += list(view["notes"])
+    if record["eval_split"] == "val":
+        notes.append("no test split: scored on val")
+    if cv_folds == 1 and head.hparams:
+        notes.append("realistic protocol without val at 1 shot: no cross-validation possible, defaults kept")
+    if view["name"] and head.adapted_note(text is not None):
+        notes.append(head.adapted_note(text is not None))
+    metrics = score(logits, evaluation.labels.to(logits.device))
+    return _honest({**record, "hyperparameters": head.hparams, "notes": notes, "metrics": metrics,
+                    "val_acc1": val_acc})
+
+
+def _cross_validate(name: str, ff: FeatureFile, train, view: dict, folds: int) -> tuple[dict | None, float | None]:
+    """Choose a head's hyper-parameters by ``folds``-fold cross-validation on the training shots: each fold's
+    own search proposes a candidate, and the candidate with the best held-out accuracy over all folds
+    wins (ties: the first proposed). Returns (hyper-parameters, their cross-validated accuracy);
+    hyper-parameters None when the head searches nothing (the accuracy is still estimated)."""
+    splits = cross_validation_folds(train.labels, folds)
+    fold_data = []
+    for held in splits:
+        keep = torch.ones(len(train), dtype=torch.bool)
+        keep[held] = False
+        keep = torch.nonzero(keep).flatten()
+        fold_data.append((train.subset(keep), train.subset(held, "val"), _fold_view(view, keep, held)))
+    candidates: list[dict | None] = []
+    for tr, va, vw in fold_data:
+        head, _, _ = _fit_and_score(name, ff, tr, va, va, vw)
+        if not head.searched:  # nothing to choose: cross-validation only estimates its accuracy
+            candidates = [None]
+            break
+        if head.hparams not in candidates:
+            candidates.append(dict(head.hparams))
+    scores = []
+    for hparams in candidates:
+        correct = total = 0
+        for tr, va, vw in fold_data:
+            _, logits, _ = _fit_and_score(name, ff, tr, None, va, vw, hparams=hparams)
+            correct += int((logits.argmax(-1).cpu() == va.labels).sum())
+            total += len(va)
+        scores.append(correct / total)
+    best = max(range(len(candidates)), key=lambda i: (scores[i], -i))
+    return candidates[best], scores[best]
+
+
+def _fold_view(view: dict, keep: torch.Tensor, held: torch.Tensor) -> dict:
+    """A feature space restricted to the training rows ``keep``, with the rows ``held`` as its val and test."""
+    def rows(t, index):
+        return None if t is None else t[index.to(t.device)]
+
+    original = view["original"]
+    out = {**view, "train": rows(view["train"], keep), "val": rows(view["train"], held),
+           "test": rows(view["train"], held), "train_views": rows(view["train_views"], keep)}
+    out["original"] = {**original, "train": rows(original["train"], keep), "val": rows(original["train"], held),
+                       "test": rows(original["train"], held)}
+    return out
+
+
 @torch.no_grad()
-def _views(train, val, evaluation, adapters, adapter_paths, file_view) -> list[dict]:
+def _views(train, val, evaluation, adapters, adapter_paths, file_view, device=None) -> list[dict]:
     """The feature spaces the heads run in: the original embeddings, each exported adapter's adapted
-    embeddings, and the adapted embeddings stored in the file by an encoder adapter (IMO)."""
+    embeddings, and the adapted embeddings stored in the file by an encoder adapter (IMO); their
+    tensors on ``device``."""
+    views = _feature_spaces(train, val, evaluation, adapters, adapter_paths, file_view)
+    for view in views:
+        if device is not None:
+            for key in ("train", "val", "test", "train_views"):
+                if view[key] is not None:
+                    view[key] = view[key].to(device)
+        view["original"] = views[0]  # what every space's zero-shot term uses
+    return views
+
+
+def _feature_spaces(train, val, evaluation, adapters, adapter_paths, file_view) -> list[dict]:
     def norm(t):
         return None if t is None else F.normalize(t.float(), dim=-1)
 
@@ -252,31 +356,35 @@ def overlap_records(path: str, adapters: Sequence = (), adapter_paths: Sequence[
     return records
 
 
-def _fit_and_score(name: str, ff: FeatureFile, train, val, evaluation, view: dict):
+def _fit_and_score(name: str, ff: FeatureFile, train, val, evaluation, view: dict, hparams: dict | None = None):
     """Fit head ``name`` in one feature space and score the evaluation split. The head declares its
     inputs: the space's embeddings, or a per-sample tensor stored at extraction (original features
     only), and the file-level tensors it reads."""
     cls = HEADS[name]
-    extras = {k: v for k, v in ff.extras.items() if cls.reads and k.startswith(cls.reads)}
-    has_val = view["val"] is not None
+    device = view["test"].device
+    extras = {k: v.to(device) for k, v in ff.extras.items() if cls.reads and k.startswith(cls.reads)}
+    has_val = view["val"] is not None and val is not None
     train_views = train_text_x = None
-    if cls.inputs == "embeddings":
-        inputs = (view["train"], view["val"], view["test"])
-        val_text_x, test_text_x = (val.features if has_val else None), evaluation.features
-        train_views, train_text_x = view["train_views"], train.features
+    if cls.inputs == "embeddings":  # the zero-shot term: the original features (the same tensors as view 0's)
+        inputs = (view["train"], view["val"] if has_val else None, view["test"])
+        val_text_x, test_text_x = view["original"]["val"] if has_val else None, view["original"]["test"]
+        train_views, train_text_x = view["train_views"], view["original"]["train"]
     else:
         if cls.inputs not in train.extra or cls.inputs not in evaluation.extra:
             raise HeadSkipped(f"{name} needs per-sample '{cls.inputs}' features ({cls.inputs_hint})")
         has_val = has_val and cls.inputs in val.extra
         inputs = (train.extra[cls.inputs], val.extra[cls.inputs] if has_val else None, evaluation.extra[cls.inputs])
         val_text_x = test_text_x = None
-    data = FitData(inputs[0], train.labels, ff.num_classes, text=ff.text_features, val_x=inputs[1],
-                   val_y=val.labels if has_val else None, dataset=ff.dataset, val_text_x=val_text_x,
+    on = lambda t: None if t is None else t.to(device)  # noqa: E731
+    data = FitData(on(inputs[0]), on(train.labels), ff.num_classes, text=on(ff.text_features), val_x=on(inputs[1]),
+                   val_y=on(val.labels) if has_val else None, dataset=ff.dataset, val_text_x=on(val_text_x),
                    extras=extras, metadata=ff.metadata, normalize=cls.inputs == "embeddings",
-                   train_views=train_views, train_text_x=train_text_x)
-    head = build_head(name, dataset=ff.dataset).fit(data)
-    text_x = None if test_text_x is None else F.normalize(test_text_x.float(), dim=-1)
-    return head, head(inputs[2].float(), text_x=text_x)
+                   train_views=on(train_views), train_text_x=on(train_text_x))
+    head = build_head(name, dataset=ff.dataset).fit(data, hparams=hparams)
+    val_acc = None  # what a user may select heads on: accuracy on the selection split
+    if has_val:
+        val_acc = float((head(data.val_x, text_x=data.val_text_x).argmax(-1) == data.val_y).float().mean())
+    return head, head(on(inputs[2]).float(), text_x=on(test_text_x)), val_acc
 
 
 def render(records: list[dict]):
@@ -284,7 +392,8 @@ def render(records: list[dict]):
     from rich.table import Table
 
     table = Table(title="Few-shot evaluation (top-1 / top-5 / mean per-class recall, %)")
-    for col, justify in [("dataset", "left"), ("shots", "right"), ("seed", "right"), ("head", "left"),
+    for col, justify in [("dataset", "left"), ("shots", "right"), ("seed", "right"), ("protocol", "left"),
+                         ("head", "left"),
                          ("top-1", "right"), ("top-5", "right"), ("mean recall", "right"),
                          ("hyper-parameters (on val)", "left"), ("notes", "left")]:
         table.add_column(col, justify=justify)
@@ -292,17 +401,48 @@ def render(records: list[dict]):
     def pct(x: float) -> str:
         return "-" if x is None or math.isnan(x) else f"{100 * x:.2f}"
 
+    def mean_std(r: dict, key: str) -> str:
+        return f"{100 * r['mean'][key]:.2f} ± {100 * r['std'][key]:.2f}"
+
     for r in records:
+        protocol = r.get("protocol") or "-"
+        if r.get("task") == "fewshot_seed_summary":
+            table.add_row(r["dataset"], str(r["shots"]), f"mean ± std ({len(r['seeds'])})", protocol, r["head"],
+                          *(mean_std(r, k) for k in METRICS), "", "")
+            continue
         seed = "-" if r["shots"] is None else "file" if r["seed"] is None else str(r["seed"])
         if "skipped" in r:
-            table.add_row(r["dataset"], str(r["shots"] or "-"), seed, r["head"], "-", "-", "-", "",
+            table.add_row(r["dataset"], str(r["shots"] or "-"), seed, protocol, r["head"], "-", "-", "-", "",
                           f"skipped: {r['skipped']}")
             continue
         m = r["metrics"]
         hp = ", ".join(f"{k}={v}" for k, v in r["hyperparameters"].items())
-        table.add_row(r["dataset"], str(r["shots"] or "-"), seed, r["head"], pct(m["acc1"]), pct(m["acc5"]),
+        table.add_row(r["dataset"], str(r["shots"] or "-"), seed, protocol, r["head"], pct(m["acc1"]), pct(m["acc5"]),
                       pct(m["mean_per_class_recall"]), hp, "; ".join(r["notes"]))
     return table
+
+
+METRICS = ("acc1", "acc5", "mean_per_class_recall")
+
+
+def seed_summaries(records: list[dict]) -> list[dict]:
+    """Mean ± std (sample std, n - 1) over few-shot seeds of every (features, dataset, shots, protocol, head)
+    scored with more than one seed: one ``fewshot_seed_summary`` record each, listing its seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r.get("task") == "fewshot_classification" and r.get("seed") is not None and r.get("metrics"):
+            groups.setdefault((r["features"], r["dataset"], r["shots"], r.get("protocol"), r["head"]), []).append(r)
+    out = []
+    for (features, dataset, shots, protocol, head), rs in groups.items():
+        if len(rs) < 2:
+            continue
+        values = {k: torch.tensor([float(r["metrics"][k]) for r in rs], dtype=torch.float64) for k in METRICS}
+        out.append({"task": "fewshot_seed_summary", "dataset": dataset, "features": features, "shots": shots,
+                    "protocol": protocol, "head": head, "seeds": [r["seed"] for r in rs],
+                    "eval_split": rs[0]["eval_split"], "selected_splits": rs[0]["selected_splits"],
+                    "mean": {k: float(v.mean()) for k, v in values.items()},
+                    "std": {k: float(v.std()) for k, v in values.items()}})
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -319,10 +459,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     records, overlaps, failed = [], [], 0
     # plots go next to the results, or where asked: never into the current directory by surprise
     plot_dir = Path(args.plot_dir) if args.plot_dir else (Path(args.output).parent if args.output else None)
+    chunk = None if args.chunk_mb == 0 else int(args.chunk_mb * 2**20 / 4)  # float32 elements
     for path in args.features:  # one bad file costs its own rows, not everyone's
         try:
-            file_records = evaluate_file(path, args.heads, args.shots, args.seeds, adapters, args.adapter,
-                                         allow_dataset_mismatch=args.allow_dataset_mismatch)
+            with chunking(chunk):
+                file_records = evaluate_file(path, args.heads, args.shots, args.seeds, adapters, args.adapter,
+                                             allow_dataset_mismatch=args.allow_dataset_mismatch, device=args.device,
+                                             protocols=args.protocol, fewshot_dir=args.fewshot_dir)
             if args.overlap:
                 plot = None if plot_dir is None else str(plot_dir / f"overlap_{Path(path).stem}.png")
                 overlaps += overlap_records(path, adapters, args.adapter, plot=plot)
@@ -330,6 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except UserError as e:
             print(f"{PROG}: error: {e}", file=sys.stderr)
             failed += 1
+    records += seed_summaries(records)
     if records:
         console.print(render(records))
     for r in overlaps:

@@ -136,6 +136,8 @@ class AdapterCLI(LightningCLI):
             self.resume_step = int(torch.load(ckpt, map_location="cpu", weights_only=False).get("global_step", 0))
         elif holds_run and self._get(self.config, "ckpt_path") == "last":
             self.resume_step = 0  # a requeued run that died before its first checkpoint: it starts again
+        elif holds_run and rank_zero_only.rank != 0:
+            pass  # rank 0 decides (its files may already be there); a refusal there ends every rank's job
         elif holds_run:
             if not self._get(self.config, "overwrite"):
                 raise ConfigError(f"run_dir: {run_dir} already holds a run; resume it with --ckpt_path last, or pass "

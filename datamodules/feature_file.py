@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 from adapters.atomic import atomic_path
 from adapters.data import Split
 from adapters.errors import ConfigError, FeatureFileError
-from adapters.protocol import few_shot_indices
+from adapters.protocol import check_protocol, few_shot_indices, match_samples, read_dassl_fewshot, realistic_val_shots
 
 FEATURES = "{}.features"
 LABELS = "{}.labels"
@@ -312,6 +312,49 @@ class FeatureFile:
                 f"shots: {shots} is larger than the {int(counts[c])} samples of class {c} in {self.path}:train")
         idx = few_shot_indices(full.labels, shots, seed)
         return full.subset(idx, f"train_{shots}shot_seed{seed}"), f"train, {shots} per class, seed {seed}"
+
+
+    def dassl_split(self, pkl: str, split: str = "train") -> tuple[Split, str]:
+        """The subset of this file's ``split`` that one of Dassl's few-shot split files lists (its
+        ``train`` or ``val`` list): CoOp's exact K-shot subsets. Matched on the stored sample keys."""
+        items = read_dassl_fewshot(pkl).get(split)
+        if items is None:
+            raise ConfigError(f"fewshot_dir: {pkl} has no {split!r} list")
+        keys = self.keys(split)
+        if keys is None:
+            raise FeatureFileError(f"{self.path}: '{split}' has no sample keys to match {pkl} against "
+                                   "(extract with this project, which stores them)")
+        full = self.split(split)
+        idx = match_samples(items, keys, full.labels, f"{self.path}:{split}")
+        return full.subset(idx, split if split == "val" else f"{split}_{Path(pkl).stem}"), \
+            f"{split}, as listed in {Path(pkl).name}"
+
+    def selection_split(self, protocol: str = "full", shots: int | None = None, seed: int = 1,
+                        fewshot_pkl: str | None = None) -> tuple[Split | None, str]:
+        """The split hyper-parameters are chosen on, and its description: the whole ``val`` (``full``), or
+        under ``realistic`` min(K, 4) val images per class drawn with ``seed`` (or the val list of Dassl's
+        split file when given, which CoOp draws by the same rule). None when the file has no val."""
+        check_protocol(protocol)
+        if not self.has_split("val"):
+            return None, "none (the file has no val split)"
+        if protocol == "full" or not shots:
+            return self.split("val"), "val"
+        if fewshot_pkl is not None:
+            return self.dassl_split(fewshot_pkl, "val")
+        k = realistic_val_shots(shots)
+        val = self.split("val")
+        # named "val" still: it is part of val, and no record may be scored on any of it
+        return val.subset(few_shot_indices(val.labels, k, seed)), f"val, {k} per class (min(K, 4)), seed {seed}"
+
+    def fewshot(self, shots: int | None, seed: int = 1, protocol: str = "full",
+                fewshot_dir: str | None = None) -> tuple[Split, str, Split | None, str]:
+        """(train, its description, selection split or None, its description) of one few-shot cell:
+        `train_split` and `selection_split`, or, with ``fewshot_dir`` (Dassl's ``split_fewshot``
+        folder), the train and val lists of its ``shot_{K}-seed_{S}.pkl``."""
+        pkl = None if fewshot_dir is None or not shots else str(Path(fewshot_dir) / f"shot_{shots}-seed_{seed}.pkl")
+        train, train_desc = self.dassl_split(pkl, "train") if pkl else self.train_split(shots, seed)
+        val, val_desc = self.selection_split(protocol, shots, seed, pkl)
+        return train, train_desc, val, val_desc
 
 
 def _crc32(tensor: torch.Tensor) -> int:

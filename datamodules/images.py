@@ -18,6 +18,11 @@ permutation). So no sample is repeated within an epoch; the samples a worker has
 dropped for that epoch (which ones changes with the permutation). With equal shards and S divisible
 by R W only the last partial batch of each worker is dropped.
 
+**Resampled streaming** (``resampled: true``, open_clip's ``--dataset-resampled``) for datasets too large
+for epochs: every reader draws shards *with replacement*, seeded by (seed, epoch, rank, worker), and an
+epoch is ``samples_per_epoch`` samples (``floor(samples_per_epoch / (B R W))`` batches per reader, the
+same on every rank). A sample may then appear twice in an epoch and another not at all, as in open_clip.
+
 **Resume.** Data order is a pure function of (seed, epoch, rank, worker, batch). The loader's
 ``state_dict`` records the epoch and the number of batches trained on; after a mid-epoch resume each
 worker skips its share of samples *before* decoding, so the epoch continues where it stopped.
@@ -50,6 +55,8 @@ from torch.utils.data import get_worker_info
 from adapters.data import ImageSplit
 from adapters.errors import ConfigError, UserError
 from adapters.protocol import few_shot_indices
+from datamodules import storage
+from datamodules.distributed import per_device_batch_size
 from datamodules.resumable import ResumableTrainLoader
 from datamodules.shards import IMAGE_KEYS, ShardSplit, label_of, load_split, read_manifest
 
@@ -73,6 +80,19 @@ def epoch_shuffled_shards(src, seed: int, epoch):
     urls = [s["url"] for s in src]
     for url in _shard_permutation(urls, seed, epoch):
         yield {"url": url}
+
+
+def resampled_shards(src, seed: int, shared: dict, rank: int, max_draws: int):
+    """Shards drawn with replacement, seeded by (seed, epoch, rank, logical worker): every reader has its
+    own stream, so no rank or worker split follows. Our own stage rather than ``wds.ResampledShards``,
+    whose seed comes from the physical worker: a resumed epoch must redraw the same shards.
+
+    ``max_draws`` bounds the stream, so that shards which all fail to read end in the one-line error of
+    `EpochPipeline` instead of an endless loop."""
+    urls = [s["url"] for s in src]
+    rng = random.Random(f"resampled-{seed}-{shared['epoch'].value}-{rank}-{logical_worker(shared)[0]}")
+    for _ in range(max_draws):
+        yield {"url": rng.choice(urls)}
 
 
 def split_by_rank(src, rank: int, world_size: int):
@@ -235,7 +255,8 @@ def decode_sample(sample: dict, transform: Callable, views: int, num_classes: in
             epoch = shared["epoch"].value if shared is not None else 0
             torch.manual_seed(zlib.crc32(f"{augment_seed}-{epoch}-{sample['__key__']}".encode()))
         pixels = torch.stack([transform(image) for _ in range(views)]) if views > 1 else transform(image)
-    out = {"image": pixels, "label": y, "key": sample["__key__"]}
+    out = {"image": pixels, "label": y, "key": sample["__key__"],
+           "shard": str(sample.get("__url__", "")).rsplit("/", 1)[-1]}  # resumable extraction writes per shard
     if targets is not None:
         out["targets"] = targets
     return out
@@ -244,7 +265,7 @@ def decode_sample(sample: dict, transform: Callable, views: int, num_classes: in
 def collate(samples: list[dict]) -> dict:
     batch = {"image": torch.stack([s["image"] for s in samples]),
              "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
-             "key": [s["key"] for s in samples]}
+             "key": [s["key"] for s in samples], "shard": [s.get("shard", "") for s in samples]}
     if "targets" in samples[0]:
         batch["targets"] = torch.stack([s["targets"] for s in samples])
     return batch
@@ -312,6 +333,16 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
         verify_shards: check every shard against the CRC32 in the manifest at setup (reads the shards
             once): a corrupt shard is then skipped (counted) or an error, per ``on_corrupt``. Catches bit
             flips inside images, which otherwise may still decode.
+        read_retries: how often a remote shard whose read fails half-way is read again (continuing after
+            the samples already delivered) before it counts as corrupt.
+        retry_backoff: seconds before the first retry, doubled for each next one.
+        resampled: draw training shards with replacement, per reader, for datasets too large for epochs
+            (see the module docstring); needs ``samples_per_epoch``.
+        samples_per_epoch: samples per training epoch over all ranks with ``resampled`` (open_clip's
+            ``--train-num-samples``).
+
+    ``shards`` is a local folder or a URL (``http(s)://``, ``s3://``, ``gs://``; see `datamodules.storage`)
+    holding ``dataset.json``, or the manifest file itself.
     """
 
     def __init__(self, shards: str, train_split: str | None = "train", val_split: str | None = None,
@@ -319,7 +350,8 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
                  global_batch_size: int | None = None,
                  num_workers: int = 2, shots: int | None = None, fewshot_seed: int = 1, seed: int = 0,
                  shuffle_buffer: int = 1000, augment: bool = True, views: int = 1, train_views: int = 1,
-                 on_corrupt: Literal["skip", "raise"] = "skip", verify_shards: bool = False):
+                 on_corrupt: Literal["skip", "raise"] = "skip", verify_shards: bool = False, read_retries: int = 3,
+                 retry_backoff: float = 0.2, resampled: bool = False, samples_per_epoch: int | None = None):
         super().__init__()
         if on_corrupt not in ("skip", "raise"):
             raise ConfigError(f"on_corrupt: must be 'skip' or 'raise', got {on_corrupt!r}")
@@ -327,6 +359,12 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
             raise ConfigError("batch_size, views and train_views must be >= 1 and num_workers >= 0")
         if train_views > 1 and not augment:
             raise ConfigError("train_views: several views of an image need augment: true (else they are identical)")
+        if resampled and not samples_per_epoch:
+            raise ConfigError("samples_per_epoch: required with resampled: true (shards drawn with replacement "
+                              "have no natural epoch)")
+        if samples_per_epoch is not None and (not resampled or samples_per_epoch < 1):
+            raise ConfigError("samples_per_epoch: a positive sample count, used with resampled: true only")
+        self.resampled, self.samples_per_epoch = resampled, samples_per_epoch
         self.train_views = train_views
         self.global_batch_size = global_batch_size
         self.shards, self.train_split, self.val_split, self.test_split = shards, train_split, val_split, test_split
@@ -335,7 +373,8 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
         self.seed, self.shuffle_buffer, self.augment, self.views, self.on_corrupt = \
             seed, shuffle_buffer, augment, views, on_corrupt
         self.verify_shards = verify_shards
-        self._bad_shards: set[str] | None = None
+        self.read_retries, self.retry_backoff = read_retries, retry_backoff
+        self._predict_excluded: dict[str, set[str]] = {}
         self.class_names: list[str] = load_split(shards, (train_split or self.predict_splits[0]))[1]
         self.dataset_name: str | None = read_manifest(shards).get("dataset")
         self.train_transform: Callable | None = None
@@ -347,13 +386,14 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
     def shared(self):
         if self._shared is None:
             self._shared = {name: mp.Value("i", -1 if name == "skip_epoch" else 0)
-                            for name in ("epoch", "skip", "skip_epoch", "corrupt")}
+                            for name in ("epoch", "skip", "skip_epoch", "corrupt", "retried")}
         return self._shared
 
     # -- what the model asks for (adapters.base.AdapterData) ----------------------------------------------
     #: Images need the model's transforms; they carry no feature dimension, metadata, text features or
     #: file-level tensors (the model's backbone decides all of these).
     takes_images = True
+    protocol = "full"  # val is the split named by val_split, whole
     dim = None
     text_features = None
 
@@ -380,14 +420,7 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         if self.global_batch_size and self.trainer is not None:
-            parts = self.trainer.world_size * max(1, int(self.trainer.accumulate_grad_batches))
-            if self.global_batch_size % parts:
-                raise ConfigError(f"global_batch_size: {self.global_batch_size} does not divide into "
-                                  f"{self.trainer.world_size} devices x {self.trainer.accumulate_grad_batches} "
-                                  "accumulated batches")
-            self.batch_size = self.global_batch_size // parts
-            log.info("batch size %d per device (global %d over %d devices x %d accumulated)", self.batch_size,
-                     self.global_batch_size, self.trainer.world_size, self.trainer.accumulate_grad_batches)
+            self.batch_size = per_device_batch_size(self.global_batch_size, self.trainer)
 
     def set_transforms(self, train: Callable, eval: Callable) -> None:
         """The model's transforms (a method may train on its own, e.g. IMO without augmentation)."""
@@ -414,8 +447,8 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
 
         good = []
         for shard in split.shards:
-            path = split.root / shard["name"]
-            if "crc32" in shard and (not path.is_file() or file_crc32(path) != shard["crc32"]):
+            path = storage.join(split.root, shard["name"])
+            if "crc32" in shard and file_crc32(path) != shard["crc32"]:
                 message = f"{path}: shard fails its manifest checksum (corrupt or modified)"
                 if self.on_corrupt == "raise":
                     raise CorruptDataError(message)
@@ -441,10 +474,17 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
         for i in chosen:
             per_shard[shard_names[i]] = per_shard.get(shard_names[i], 0) + 1
         names = [s["name"] for s in split.shards if s["name"] in per_shard]
-        return [str(split.root / n) for n in names], [per_shard[n] for n in names], frozenset(keys[i] for i in chosen)
+        return [storage.join(split.root, n) for n in names], [per_shard[n] for n in names], \
+            frozenset(keys[i] for i in chosen)
 
     def train_batches_per_worker(self, counts: Sequence[int], world: int, workers: int) -> int:
         """Batches every worker yields per epoch (see the module docstring for the bound)."""
+        if self.resampled:
+            n = self.samples_per_epoch // (self.batch_size * world * workers)
+            if n == 0:
+                raise ConfigError(f"samples_per_epoch: {self.samples_per_epoch} is less than one batch of "
+                                  f"{self.batch_size} for each of the {world * workers} readers")
+            return n
         per_worker = len(counts) // (world * workers)
         if per_worker == 0:
             raise ConfigError(f"{self.shards}: {len(counts)} shards with data for split {self.train_split!r} but "
@@ -458,16 +498,24 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
 
     # -- loaders --------------------------------------------------------------------------------------
     def _pipeline(self, split: ShardSplit, urls: list[str], *, train: bool, keys: frozenset | None,
-                  transform: Callable, views: int, distributed: bool = True, batches: int = 0) -> wds.DataPipeline:
+                  transform: Callable, views: int, distributed: bool = True, batches: int = 0,
+                  counts: Sequence[int] = (1,)) -> wds.DataPipeline:
         rank, world = self._rank_world() if distributed else (0, 1)
         shared = self.shared
         handler = _CorruptHandler(self.on_corrupt, shared["corrupt"])
         stages = [wds.SimpleShardList(urls)]
-        if train:
-            stages.append(partial(epoch_shuffled_shards, seed=self.seed, epoch=shared["epoch"]))
-        worker_split = partial(split_by_logical_worker, shared=shared) if train else wds.split_by_worker
-        stages += [partial(split_by_rank, rank=rank, world_size=world), worker_split,
-                   wds.tarfile_to_samples(handler=handler)]
+        if train and self.resampled:
+            # enough draws for the epoch at the smallest shard size, four times over (skipped, corrupt shards)
+            draws = 4 * (-(-batches * self.batch_size // max(1, min(counts)))) + 4 * len(urls)
+            stages.append(partial(resampled_shards, seed=self.seed, shared=shared, rank=rank, max_draws=draws))
+        elif train:
+            stages += [partial(epoch_shuffled_shards, seed=self.seed, epoch=shared["epoch"]),
+                       partial(split_by_rank, rank=rank, world_size=world),
+                       partial(split_by_logical_worker, shared=shared)]
+        else:
+            stages += [partial(split_by_rank, rank=rank, world_size=world), wds.split_by_worker]
+        stages += [partial(storage.tar_samples, handler=handler, retries=self.read_retries, backoff=self.retry_backoff,
+                           failures=shared["retried"])]
         if keys is not None:
             stages.append(partial(select_keys, keys=keys))
         token = _SkipToken()
@@ -499,18 +547,37 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
             self.shared["epoch"].value = self.trainer.current_epoch
         transform = self._transform(train=self.augment)
         pipeline = self._pipeline(split, urls, train=True, keys=keys, transform=transform, views=self.train_views,
-                                  batches=per_worker)
+                                  batches=per_worker, counts=counts)
         loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=self.num_workers)
         return self._resume_loader(ShardLoader(loader.with_length(per_worker * workers), per_worker * workers, self))
 
-    def _eval_loader(self, split_name: str, views: int = 1, distributed: bool = True) -> ShardLoader:
-        """Every sample of a split once, in shard order, with partial batches (split by rank unless
-        ``distributed=False``). With ``views > 1`` each sample carries that many augmented views."""
+    def _eval_selection(self, split_name: str) -> tuple[ShardSplit, list[str], list[int], frozenset | None]:
         split = self._split(split_name)
         urls, counts, keys = self._selection(split) if split_name == self.train_split else \
             (split.urls, [s["count"] for s in split.shards], None)
+        return split, urls, counts, keys
+
+    def shard_counts(self, split_name: str) -> dict[str, int]:
+        """Samples each shard of ``split_name`` contributes (after few-shot selection), by shard name: what
+        a resumable extraction checks its per-shard pieces against."""
+        _, urls, counts, _ = self._eval_selection(split_name)
+        return {url.rsplit("/", 1)[-1]: n for url, n in zip(urls, counts)}
+
+    def exclude_from_predict(self, split_name: str, shard_names: set[str]) -> None:
+        """Leave these shards out of the next ``predict`` (their features are already written)."""
+        self._predict_excluded[split_name] = set(shard_names)
+
+    def _eval_loader(self, split_name: str, views: int = 1, distributed: bool = True,
+                     exclude: set[str] | None = None) -> ShardLoader:
+        """Every sample of a split once, in shard order, with partial batches (split by rank unless
+        ``distributed=False``), but for the shards named in ``exclude``. With ``views > 1`` each sample
+        carries that many augmented views."""
+        split, urls, counts, keys = self._eval_selection(split_name)
+        if exclude:
+            kept = [i for i, url in enumerate(urls) if url.rsplit("/", 1)[-1] not in exclude]
+            urls, counts = [urls[i] for i in kept], [counts[i] for i in kept]
         rank, world = self._rank_world() if distributed else (0, 1)
-        if len(urls) < world:
+        if len(urls) < world and not exclude:
             raise ConfigError(f"{self.shards}: split {split_name!r} has {len(urls)} shards for "
                               f"world_size {world}: every rank needs at least one")
         workers = max(1, min(self.num_workers, len(urls[rank::world])))
@@ -519,7 +586,7 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
                                   distributed=distributed)
         length = self._eval_length(counts, rank, world, workers)
         loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False,
-                               num_workers=workers if self.num_workers else 0)
+                               num_workers=workers if self.num_workers and urls[rank::world] else 0)
         return ShardLoader(loader.with_length(length), length)
 
     def val_dataloader(self):
@@ -529,7 +596,8 @@ class ImageShardDataModule(ResumableTrainLoader, L.LightningDataModule):
         return [] if self.test_split is None else self._eval_loader(self.test_split)
 
     def predict_dataloader(self):
-        return [self._eval_loader(s, self.views if s == self.train_split else 1) for s in self.predict_splits]
+        return [self._eval_loader(s, self.views if s == self.train_split else 1, exclude=self._predict_excluded.get(s))
+                for s in self.predict_splits]
 
     def head_data(self) -> tuple[ImageSplit, ImageSplit | None]:
         """The (few-shot) training split, with ``views`` augmented views per image, and val, each whole and

@@ -39,6 +39,7 @@ from webdataset.tariterators import base_plus_ext
 
 from adapters.atomic import atomic_path, atomic_write_text
 from adapters.errors import ConfigError, UserError
+from datamodules import storage
 
 MANIFEST = "dataset.json"
 MANIFEST_FORMAT = "clip-adapters-shards"
@@ -196,9 +197,23 @@ def write_shards(records: Sequence[Record], class_names: Sequence[str], out_dir:
     ``multi_labels`` (source path -> all labels, the record's own first) makes multi-label shards: the
     labels go into each sample's ``json`` and the manifest says ``label: multi``. ``skipped``: what the
     source left out (counts of non-image files, hidden entries, empty classes), recorded in the manifest.
+    ``out_dir`` may be a remote URL (``s3://bucket/prefix``): the shards are written locally, uploaded one
+    object each, and the manifest last, so a reader never sees a manifest naming a missing shard.
     """
     if max_count < 1:
         raise ConfigError(f"max_count: must be >= 1, got {max_count}")
+    if storage.is_remote(str(out_dir)):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as local:
+            manifest = write_shards(records, class_names, local, max_count=max_count, max_size=max_size, seed=seed,
+                                    reencode=reencode, progress=progress,
+                                    dataset=dataset or storage.parent(str(out_dir) + "/x").rsplit("/", 1)[-1],
+                                    multi_labels=multi_labels, skipped=skipped)
+            files = sorted(p for p in Path(local).iterdir() if p.name != MANIFEST)
+            for path in files + [Path(local) / MANIFEST]:  # the manifest last
+                storage.upload(path, storage.join(str(out_dir), path.name))
+        return manifest
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = {"format": MANIFEST_FORMAT, "version": 1, "dataset": dataset or out_dir.name,
@@ -274,12 +289,16 @@ class _ShardWriter:
                 "crc32": file_crc32(self.path)}
 
 
-def file_crc32(path: str | Path, block: int = 1 << 20) -> int:
-    """CRC32 of a file, read in blocks (recorded per shard; `ImageShardDataModule(verify_shards=True)`)."""
+def file_crc32(path: str | Path, block: int = 1 << 20) -> int | None:
+    """CRC32 of a local or remote file, read in blocks (recorded per shard;
+    `ImageShardDataModule(verify_shards=True)`); None when it cannot be read."""
     crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            crc = zlib.crc32(chunk, crc)
+    try:
+        with storage.open_stream(str(path)) as f:
+            while chunk := f.read(block):
+                crc = zlib.crc32(chunk, crc)
+    except Exception:  # noqa: BLE001 - a missing or unreadable shard fails its check
+        return None
     return crc
 
 
@@ -370,42 +389,49 @@ def _relative(path: Path, base: Path) -> str:
 # -- reading manifests ------------------------------------------------------------------------------
 @dataclass
 class ShardSplit:
-    """One split of a shard dataset, as its manifest describes it."""
+    """One split of a shard dataset, as its manifest describes it. ``root`` is a local folder or a URL
+    (`datamodules.storage`)."""
 
-    root: Path
+    root: str
     name: str
     shards: list[dict]
     count: int
     class_counts: list[int]
-    index_file: Path
+    index_file: str
     label: str = "cls"
 
     @property
     def urls(self) -> list[str]:
-        return [str(self.root / s["name"]) for s in self.shards]
+        return [storage.join(self.root, s["name"]) for s in self.shards]
 
     def read_index(self) -> tuple[list[str], list[int], list[str]]:
-        """(keys, labels, shard names) in index order; streams the TSV, no image is opened."""
+        """(keys, labels, shard names) in index order; reads the TSV, no image is opened."""
         keys, labels, shards = [], [], []
         try:
-            with open(self.index_file) as f:
-                for line in f:
-                    key, label, shard = line.rstrip("\n").split("\t")
-                    keys.append(key)
-                    labels.append(int(label))
-                    shards.append(shard)
-        except (OSError, ValueError) as e:
+            for line in storage.read_text(self.index_file).splitlines():
+                key, label, shard = line.split("\t")
+                keys.append(key)
+                labels.append(int(label))
+                shards.append(shard)
+        except ValueError as e:
             raise UserError(f"{self.index_file}: unreadable index ({e})") from None
         return keys, labels, shards
 
 
+def _manifest_location(root: str | Path) -> str:
+    root = str(root)
+    if root.endswith(".json"):
+        return root
+    return storage.join(root, MANIFEST)
+
+
 def read_manifest(root: str | Path) -> dict:
-    root = Path(root)
-    path = root / MANIFEST if root.is_dir() else root
-    if not path.is_file():
+    """The shard manifest of ``root`` (a folder or URL holding ``dataset.json``, or the file itself)."""
+    path = _manifest_location(root)
+    if not storage.exists(path):
         raise ConfigError(f"{path}: shard manifest not found (write shards with `python -m datamodules.shards`)")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_text(path))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: malformed shard manifest ({e})") from None
     if manifest.get("format") != MANIFEST_FORMAT:
@@ -415,14 +441,14 @@ def read_manifest(root: str | Path) -> dict:
 
 def load_split(root: str | Path, split: str) -> tuple[ShardSplit, list[str]]:
     """The manifest entry of ``split`` under ``root`` and the dataset's class names."""
-    root = Path(root)
     manifest = read_manifest(root)
-    base = root if root.is_dir() else root.parent
+    location = _manifest_location(root)
+    base = storage.parent(location)
     if split not in manifest["splits"]:
-        raise ConfigError(f"{base / MANIFEST}: no split {split!r} (has: {', '.join(sorted(manifest['splits']))})")
+        raise ConfigError(f"{location}: no split {split!r} (has: {', '.join(sorted(manifest['splits']))})")
     entry = manifest["splits"][split]
-    return ShardSplit(base, split, entry["shards"], entry["count"], entry["class_counts"], base / entry["index"],
-                      entry.get("label", "cls")), manifest["class_names"]
+    return ShardSplit(base, split, entry["shards"], entry["count"], entry["class_counts"],
+                      storage.join(base, entry["index"]), entry.get("label", "cls")), manifest["class_names"]
 
 
 # -- command line ------------------------------------------------------------------------------------

@@ -90,15 +90,23 @@ def make_openimages(root: Path, images_per_class: int = 8, seed: int = 0) -> dic
 
 
 class SignalAtStep(L.Callback):
-    """Send this process a signal once training reaches a given global step (preemption, Ctrl-C), as a
-    scheduler or a user would, at an exactly known step."""
+    """Send this process a signal once training reaches a given global step (or prediction a given
+    number of batches): preemption, Ctrl-C, a kill, as a scheduler or a user sends it, at a known step."""
 
     def __init__(self, step: int, signum: int = 15):
-        self.step, self.signum, self.sent = step, signum, False
+        self.step, self.signum, self.sent, self.predicted = step, signum, False, 0
+
+    def _signal(self) -> None:
+        import os
+
+        self.sent = True
+        os.kill(os.getpid(), self.signum)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= self.step and not self.sent:
-            import os
+            self._signal()
 
-            self.sent = True
-            os.kill(os.getpid(), self.signum)
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.predicted += 1  # prediction has no global step: count its batches
+        if self.predicted >= self.step and not self.sent:
+            self._signal()

@@ -362,3 +362,30 @@ def test_overlap_plots_never_land_in_the_current_directory(tmp_path, extracted):
     assert run_script("evaluate.py", "--features", extracted[1], "--shots", "2", "--heads", "prototype", "--overlap",
                       "--output", out).returncode == 0
     assert (out.parent / "overlap_features.png").is_file()
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_extraction_resumes_from_the_shards_it_wrote(tmp_path):
+    """predict over 9 shards, SIGKILLed at its 10th batch of 4 (9 batches stored: 4 shards whole), then run
+    again: it embeds only the 5 missing shards and the feature file equals an uninterrupted extraction's, bit for bit."""
+    from datamodules.feature_file import FeatureFile
+
+    shards = make_shards(tmp_path, per_class=8, max_count=8)  # 72 images in 9 shards of 8
+    weights = tiny_checkpoint(tmp_path / "tiny.pt")
+    args = ["predict", "--config", "configs/extract.yaml", "--data.init_args.shards", shards, "--data.init_args.num_workers",
+            "0", "--data.init_args.batch_size", "4", "--model.init_args.pretrained", weights]
+    assert run_script("train.py", *args, "--run_dir", tmp_path / "whole").returncode == 0
+    killed = run_script("train.py", *args, "--run_dir", tmp_path / "killed", "--trainer.callbacks+=tests.helpers.SignalAtStep",
+                        "--trainer.callbacks.step", "10", "--trainer.callbacks.signum", "9")
+    features = tmp_path / "killed" / "features"
+    assert killed.returncode == -9 and not (features / "manifest.json").exists()
+    assert len(list((features / "pieces" / "train").glob("*.safetensors"))) == 4
+    other = run_script("train.py", *args, "--run_dir", tmp_path / "killed", "--data.init_args.views", "2")
+    assert other.returncode == 2 and "other settings (views differ)" in other.stderr
+    resumed = run_script("train.py", *args, "--run_dir", tmp_path / "killed")
+    assert resumed.returncode == 0 and "4 of 9 shards already written" in resumed.stderr
+    a, b = FeatureFile(tmp_path / "whole" / "features"), FeatureFile(features)
+    assert a._tensors.keys() == b._tensors.keys()
+    assert all(torch.equal(a._tensors[k], b._tensors[k]) for k in a._tensors)
+    again = run_script("train.py", *args, "--run_dir", tmp_path / "killed")
+    assert again.returncode == 2 and "already holds a complete extraction" in again.stderr

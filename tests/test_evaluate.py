@@ -61,7 +61,10 @@ def test_all_heads_with_text_features_and_seeds(tmp_path, capsys):
     assert evaluate.main(["--features", str(path), "--shots", "2", "4", "--seeds", "1", "2",
                           "--output", str(out)]) == 0
     records = json.loads(out.read_text())
+    summaries = [r for r in records if r["task"] == "fewshot_seed_summary"]
+    records = [r for r in records if r["task"] == "fewshot_classification"]
     assert len(records) == 2 * 2 * 8  # shots x seeds x default heads (all of them)
+    assert len(summaries) == 2 * 5  # shots x heads scored (mean ± std over the 2 seeds)
     skipped = {r["head"]: r["skipped"] for r in records if "skipped" in r}
     assert set(skipped) == {"isoclip", "coder", "coder_adapter"}  # the file has no text set / pre-projection
     assert "pre-projection" in skipped["isoclip"] and "text set" in skipped["coder"]
@@ -102,5 +105,31 @@ def test_wrong_key_and_dimension_mismatch_are_one_line_exit_2(tmp_path):
                "text.features": torch.zeros(2, 6)}, str(tmp_path / "dims.safetensors"))
     for name, message in [("nolabels", "no 'train.labels'"), ("dims", "dimension mismatch")]:
         result = _run("--features", str(tmp_path / f"{name}.safetensors"))
+        assert result.returncode == 2 and message in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_chunked_evaluation_chooses_and_scores_exactly_as_whole_matrices(tmp_path):
+    """Every search and every head, in blocks of a few queries (--chunk_mb 0.01: ~2,600 floats) and whole
+    (--chunk_mb 0): the same hyper-parameters and the same accuracies (the ImageNet-size figures are
+    bench/eval_scale.py's)."""
+    from bench.eval_scale import DEFAULT_HEADS, make_file
+
+    path = make_file(tmp_path / "f.safetensors", classes=12, shots=4, val=120, test=180, dim=32)
+    records = {}
+    for chunk in ("0.01", "0"):
+        out = tmp_path / f"{chunk}.json"
+        assert evaluate.main(["--features", str(path), "--shots", "4", "--heads", DEFAULT_HEADS, "--chunk_mb", chunk,
+                              "--output", str(out)]) == 0
+        records[chunk] = {r["head"]: (r["hyperparameters"], r["metrics"]["acc1"]) for r in json.loads(out.read_text())}
+    assert set(records["0"]) == set(DEFAULT_HEADS.split(","))
+    assert records["0.01"] == records["0"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where no GPU is present")
+def test_device_errors_are_one_line(tmp_path):
+    path = _text_feature_file(tmp_path / "t.safetensors")
+    for device, message in [("cuda", "no CUDA device is available"), ("banana", "is not a device")]:
+        result = _run("--features", str(path), "--device", device)
         assert result.returncode == 2 and message in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1

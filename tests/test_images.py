@@ -58,14 +58,33 @@ def test_few_shot_selection_is_seeded_and_k_per_class(shard_dir):
         _dm(shard_dir, shots=9).train_dataloader()
 
 
-@pytest.mark.parametrize("done", [1, 4, 5, 15])
-def test_resume_continues_the_epoch_exactly_where_it_stopped(shard_dir, done):
-    """After `done` of 16 batches (2 workers), the resumed stream is the rest of the same epoch, in order."""
-    full = _epoch_keys(_dm(shard_dir), 1)
-    dm = _dm(shard_dir)
-    dm.load_loader_state({"epoch": 1, "batches": done, "seed": 0}, length=16)
+RESAMPLED = {"resampled": True, "samples_per_epoch": 100}
+
+
+@pytest.mark.parametrize("done,kw", [(1, {}), (4, {}), (5, {}), (15, {}), (5, RESAMPLED), (23, RESAMPLED)])
+def test_resume_continues_the_epoch_exactly_where_it_stopped(shard_dir, done, kw):
+    """After `done` batches (2 workers), the resumed stream is the rest of the same epoch, in order."""
+    full = _epoch_keys(_dm(shard_dir, **kw), 1)
+    dm = _dm(shard_dir, **kw)
+    dm.load_loader_state({"epoch": 1, "batches": done, "seed": 0}, length=len(full) // 4)
     assert _epoch_keys(dm, 1) == full[done * 4:]
-    assert _epoch_keys(dm, 2) == _epoch_keys(_dm(shard_dir), 2)  # later epochs are whole again
+    assert _epoch_keys(dm, 2) == _epoch_keys(_dm(shard_dir, **kw), 2)  # later epochs are whole again
+
+
+def test_resampled_epoch_is_a_sample_count_drawn_with_replacement(shard_dir):
+    """open_clip's --dataset-resampled: 100 samples per epoch -> floor(100 / (4 x 2 readers)) = 12 batches
+    per worker; shards are drawn with replacement, so samples repeat; the draw is a function of
+    (seed, epoch)."""
+    dm = _dm(shard_dir, **RESAMPLED)
+    assert len(dm.train_dataloader()) == 24
+    keys = _epoch_keys(dm, 0)
+    assert len(keys) == 96 and len(set(keys)) < 72
+    assert keys == _epoch_keys(_dm(shard_dir, **RESAMPLED), 0)
+    assert keys != _epoch_keys(dm, 1) and keys != _epoch_keys(_dm(shard_dir, **RESAMPLED, seed=3), 0)
+    with pytest.raises(ConfigError, match="samples_per_epoch: required"):
+        _dm(shard_dir, resampled=True)
+    with pytest.raises(ConfigError, match="samples_per_epoch: 7 is less than one batch"):
+        _dm(shard_dir, resampled=True, samples_per_epoch=7).train_dataloader()
 
 
 def test_too_few_shards_for_workers_times_world_size(shard_dir):
@@ -118,3 +137,15 @@ def test_two_process_ddp_equal_batches_disjoint_samples(shard_dir, tmp_path):
         keys = ranks[0]["keys"] + ranks[1]["keys"]
         assert len(keys) == len(set(keys)) == 64
         assert not set(ranks[0]["keys"]) & set(ranks[1]["keys"])
+
+
+@pytest.mark.timeout(120)
+def test_two_process_ddp_resampled_equal_batches_own_streams(shard_dir, tmp_path):
+    """Resampled over 2 ranks: each rank draws its own shards, every rank yields the same batch count."""
+    dm = _dm(shard_dir, num_workers=1, batch_size=4, resampled=True, samples_per_epoch=40)
+    trainer = L.Trainer(strategy="ddp_spawn", accelerator="cpu", devices=2, max_epochs=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(KeyRecorder(str(tmp_path)), datamodule=dm)
+    ranks = [json.loads((tmp_path / f"rank{r}-epoch0.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["batches"] == ranks[1]["batches"] == 5
+    assert ranks[0]["keys"] != ranks[1]["keys"]
