@@ -26,9 +26,16 @@ from adapters.heads import CLIP_SCALE, CacheModel, FitData, Head
 
 
 class CachedHeadAdapter(AdapterModule):
-    """Base of trained methods whose inference head is fit after training (see the module docstring)."""
+    """Base of trained methods whose inference head is fit after training (see the module docstring).
 
-    def __init__(self, **kwargs):
+    Args:
+        search_each_epoch: validate every epoch with the head's hyper-parameters searched on val, i.e.
+            the head the run would end with if it ended there (what `callbacks.best_on_val` should
+            compare when it chooses the epoch); otherwise with the head at its defaults (cheaper).
+        **kwargs: `AdapterModule` arguments.
+    """
+
+    def __init__(self, search_each_epoch: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.register_buffer("train_labels", torch.zeros(0, dtype=torch.long))
         self.head_hparams: dict | None = None
@@ -109,8 +116,8 @@ class CachedHeadAdapter(AdapterModule):
             return head.fit(data, hparams=hparams, **({} if keys is None else {"keys": keys.detach().cpu()}))
 
     def on_validation_epoch_start(self) -> None:
-        if self.head_hparams is None:  # during training: the head at its defaults, on the current weights
-            derived(self, "head", self._fit_head(search=False))
+        if self.head_hparams is None:  # during training: the head at its defaults (or searched), current weights
+            derived(self, "head", self._fit_head(search=self.hparams.search_each_epoch and self._val is not None))
 
     def finalize(self) -> None:
         """Choose the head's hyper-parameters on val (once), after training."""

@@ -36,7 +36,7 @@ from torch import nn
 from adapters.base import register_adapter
 from adapters.cached import CachedHeadAdapter
 from adapters.errors import ConfigError
-from adapters.heads import CLIP_SCALE, Head, build_head
+from adapters.heads import CLIP_SCALE, BlockEnsembleHead, Head, build_head
 
 
 class ResidualAdapter(nn.Module):
@@ -105,6 +105,13 @@ class DACAdapter(CachedHeadAdapter):
             least one step for each of (a) and (b) when both train).
         inter_weight: weight of the cross-entropy in the joint schedule.
         inference_head: ``"tip"``, ``"prototype"`` or ``"gda"``, fit on adapted features after training.
+        members: number of independently initialised image adapters trained side by side (a deep
+            ensemble; each has its own SupCon loss on the same batches). With more than one, the adapted
+            features are the members' embeddings side by side and the inference head is one
+            ``inference_head`` per member, log-probabilities averaged (`BlockEnsembleHead`).
+        with_original: also keep the original embeddings as a block of the adapted features, mixed into
+            the head with a weight searched on val (0 ... 1): the adapter cannot end worse on val than
+            the head on raw features.
         **kwargs: `AdapterModule` arguments (num_classes, backbone, pretrained, lr, ...).
     """
 
@@ -114,7 +121,8 @@ class DACAdapter(CachedHeadAdapter):
                  feature_noise: float = 0.0, gather_negatives: bool = True, modulate_text: bool = True,
                  text_on_adapted: bool = False, schedule: Literal["sequential", "joint"] = "sequential",
                  intra_fraction: float = 0.5, inter_weight: float = 1.0,
-                 inference_head: Literal["tip", "prototype", "gda"] = "tip", **kwargs):
+                 inference_head: Literal["tip", "prototype", "gda"] = "tip", members: int = 1,
+                 with_original: bool = False, **kwargs):
         super().__init__(**kwargs)
         if schedule not in ("sequential", "joint"):
             raise ConfigError(f"schedule: must be 'sequential' or 'joint', got {schedule!r}")
@@ -122,7 +130,14 @@ class DACAdapter(CachedHeadAdapter):
             raise ConfigError(f"inference_head: must be 'tip', 'prototype' or 'gda', got {inference_head!r}")
         if not 0.0 <= intra_fraction <= 1.0:
             raise ConfigError(f"intra_fraction: must be in [0, 1], got {intra_fraction}")
+        if members < 1:
+            raise ConfigError(f"members: must be >= 1, got {members}")
+        if (members > 1 or with_original) and text_on_adapted:
+            raise ConfigError("text_on_adapted: not available with members > 1 or with_original (the adapted "
+                              "features are several embeddings side by side)")
         self.adapter = ResidualAdapter(self.embed_dim, hidden_dim, residual, dropout)
+        self.members = nn.ModuleList(ResidualAdapter(self.embed_dim, hidden_dim, residual, dropout)
+                                     for _ in range(members - 1))
         self.modulation = TextModulation(self.hparams.num_classes, self.embed_dim)
         # The few-shot set (original embeddings) becomes the cache of the inference head; exported.
         self.register_buffer("train_features", torch.zeros(0, self.embed_dim))
@@ -137,16 +152,20 @@ class DACAdapter(CachedHeadAdapter):
         self.train_features = F.normalize(features.float(), dim=-1)
 
     def new_head(self) -> Head:
-        return build_head(self.hparams.inference_head, dataset=self.hparams.dataset)
+        if not self._side_by_side:
+            return build_head(self.hparams.inference_head, dataset=self.hparams.dataset)
+        return BlockEnsembleHead(self.hparams.dataset, base=self.hparams.inference_head,
+                                 blocks=self.hparams.members + self.hparams.with_original,
+                                 with_original=self.hparams.with_original)
 
     def head_train_x(self) -> torch.Tensor:
-        return self.adapter(self.train_features)
+        return self.adapt(self.train_features)
 
     def head_text(self) -> torch.Tensor | None:
         return self.modulated_text() if self.has_text else None
 
     def head_query(self, x: torch.Tensor) -> torch.Tensor:
-        return self.adapter(x)
+        return self.adapt(x)
 
     def text_query(self, x: torch.Tensor) -> torch.Tensor:
         return self.adapter(x) if self.hparams.text_on_adapted else x
@@ -155,8 +174,18 @@ class DACAdapter(CachedHeadAdapter):
         return {"head": self.hparams.inference_head, **super().export_config()}
 
     # -- model ----------------------------------------------------------------------------------------------
+    @property
+    def _side_by_side(self) -> bool:
+        return self.hparams.members > 1 or self.hparams.with_original
+
+    def image_adapters(self) -> list[ResidualAdapter]:
+        return [self.adapter, *self.members]
+
     def adapt(self, features: torch.Tensor) -> torch.Tensor:
-        return self.adapter(features)
+        if not self._side_by_side:
+            return self.adapter(features)
+        original = [F.normalize(features.float(), dim=-1)] if self.hparams.with_original else []
+        return torch.cat([a(features) for a in self.image_adapters()] + original, dim=-1)
 
     def modulated_text(self) -> torch.Tensor:
         return self.modulation(self.text_features) if self.has_text else self.text_features
@@ -206,12 +235,14 @@ class DACAdapter(CachedHeadAdapter):
                 views = torch.stack([features, noisy], 1)
         if stage in ("intra", "joint"):
             v = views.shape[1]
-            z = self.adapter(views.flatten(0, 1))
             y = labels.repeat_interleave(v)
-            if self.hparams.gather_negatives and self._trainer is not None and self.trainer.world_size > 1:
-                intra = self._global_batch_supcon(z, y)
-            else:
-                intra = supervised_contrastive_loss(z, y, z, y, self.hparams.temperature)
+            intra = features.new_zeros(())
+            for adapter in self.image_adapters():  # independent members: the sum's gradients do not mix
+                z = adapter(views.flatten(0, 1))
+                if self.hparams.gather_negatives and self._trainer is not None and self.trainer.world_size > 1:
+                    intra = intra + self._global_batch_supcon(z, y)
+                else:
+                    intra = intra + supervised_contrastive_loss(z, y, z, y, self.hparams.temperature)
             loss = loss + intra
             extra["supcon"] = intra.detach()
         if stage in ("inter", "joint"):
@@ -244,7 +275,7 @@ class DACAdapter(CachedHeadAdapter):
         if stage == "intra":
             group = self.modulation
         elif stage == "inter" and not self.hparams.text_on_adapted:
-            group = self.adapter
+            group = nn.ModuleList(self.image_adapters())
         else:
             return []
         return [p for p in group.parameters() if p.requires_grad]

@@ -575,6 +575,69 @@ class GDAHead(GaussianHead):
         return self._zero_shot(x, text_x) + self.alpha * gda
 
 
+class BlockEnsembleHead(Head):
+    """One ``base`` head per block of the features, log-probabilities averaged: the head of an ensemble
+    of adapters whose adapted features are the members' embeddings side by side ([N, B x D]), and
+    optionally the original embeddings as the last block (``with_original``), mixed in with weight w
+    searched on val (``original_weights``): ``(1 - w) mean_b log p_b + w log p_original``.
+
+    Not registered for ``evaluate.py --heads``: it is what an ensemble adapter (DAC with ``members`` > 1)
+    infers with; the blocks' own hyper-parameters (if any) are searched per block.
+    """
+
+    name = "block_ensemble"
+
+    def __init__(self, dataset: str | None = None, base: str = "gda", blocks: int = 1, with_original: bool = False,
+                 original_weights: tuple[float, ...] = tuple(i / 10 for i in range(11))):
+        super().__init__(dataset)
+        self.base, self.blocks, self.with_original = base, blocks, with_original
+        self.original_weights = tuple(original_weights) if with_original else (0.0,)
+        self.heads = nn.ModuleList()
+
+    def split(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The blocks of [M, B x D] features, each L2-normalised (one member's embedding space)."""
+        return [F.normalize(b, dim=-1) for b in x.float().chunk(self.blocks, dim=-1)]
+
+    def _fit(self, data: FitData) -> None:
+        given = self._given or {}
+        blocks = zip(self.split(data.train_x), self.split(data.val_x) if data.has_val else [None] * self.blocks)
+        for i, (train_x, val_x) in enumerate(blocks):
+            # a block's own values (``b{i}.alpha``), else the values given for every block (``alpha``)
+            sub = {k: v for k, v in given.items() if "." not in k and k != "original_weight"}
+            sub.update({k.split(".", 1)[1]: v for k, v in given.items() if k.startswith(f"b{i}.")})
+            block = FitData(train_x, data.train_y, data.num_classes, text=data.text, val_x=val_x, val_y=data.val_y,
+                            dataset=data.dataset, val_text_x=data.val_text_x if val_x is not None else None)
+            head = build_head(self.base, dataset=self.dataset).fit(block, hparams=sub if self._given else None)
+            self.heads.append(head)
+            self.searched |= head.searched
+            self.hparams.update({f"b{i}.{k}": v for k, v in head.hparams.items()})
+        self.notes.extend(dict.fromkeys(n for h in self.heads for n in h.notes))
+        self.weight = 0.0
+        if self._given is not None:
+            self.weight = float(given.get("original_weight", 0.0))
+        elif self.with_original and not self._skip_search(data, "original_weight"):
+            weights = torch.tensor(self.original_weights, device=data.val_x.device)
+            members, original = self._log_probs(data.val_x, data.val_text_x)
+            (i,) = first_best(mixing_accuracy(members, original - members, data.val_y, weights))
+            self.weight = float(self.original_weights[i])  # the grid's own value, not its float32 copy
+            self._note_edge("original_weight", i, weights)
+        if self.with_original:
+            self.hparams["original_weight"] = self.weight
+
+    def _log_probs(self, x: torch.Tensor, text_x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        lp = [F.log_softmax(h(b, text_x=text_x), dim=-1) for h, b in zip(self.heads, self.split(x))]
+        if not self.with_original:
+            return torch.stack(lp).mean(0), None
+        return torch.stack(lp[:-1]).mean(0), lp[-1]
+
+    def _logits(self, x: torch.Tensor, text_x: torch.Tensor | None) -> torch.Tensor:
+        members, original = self._log_probs(x, text_x)
+        return members if original is None else (1 - self.weight) * members + self.weight * original
+
+    def _row_cost(self) -> int:
+        return 4 * self.blocks * self.num_classes
+
+
 # -- IsoCLIP ----------------------------------------------------------------------------------------------
 #: (k_top, k_bottom) for classification, per (backbone, pretrained), from IsoCLIP's scripts (§5.3).
 ISOCLIP_DEFAULTS = {

@@ -49,18 +49,21 @@ BEST = "best (selected on val)"
 
 
 def trained_methods() -> dict[str, Path]:
-    """The trained methods that train on cached features: every ``configs/<method>/default.yaml`` whose
-    model does not train through the image encoder (IMO does: it needs images)."""
+    """The trained methods that train on cached features, by name: ``configs/<method>/default.yaml`` is
+    ``<method>``, another recipe ``configs/<method>/<recipe>.yaml`` is ``<method>-<recipe>`` (demo configs
+    excluded), for every model that does not train through the image encoder (IMO does: it needs images)."""
     import importlib
 
     import yaml
 
     out = {}
-    for config in sorted(CONFIGS.glob("*/default.yaml")):
-        class_path = (yaml.safe_load(config.read_text()).get("model") or {}).get("class_path", "")
+    for config in sorted(CONFIGS.glob("*/*.yaml")):
+        if config.parent.name == "data" or config.stem == "demo":
+            continue
+        class_path = ((yaml.safe_load(config.read_text()) or {}).get("model") or {}).get("class_path", "")
         module, _, name = class_path.rpartition(".")
         if module and not getattr(getattr(importlib.import_module(module), name), "adapts_encoder", False):
-            out[config.parent.name] = config
+            out[config.parent.name if config.stem == "default" else f"{config.parent.name}-{config.stem}"] = config
     return out
 
 
@@ -154,8 +157,14 @@ def run_cell(path: str, k: int, seed: int | None, protocol: str, args: argparse.
                             "head": f"{method} (adapter)", "shots": k, "seed": seed, "protocol": protocol,
                             "selected_on": "nothing", "selected_splits": [], "skipped": str(e)})
     loaded = [adapters.load_adapter(e) for e in exports]
+    names = dict(zip(exports, (m for m in args.trained if m in seconds)))
     records += evaluate.evaluate_file(path, args.heads, [k], [seed or 1], loaded, exports, protocols=[protocol],
                                       fewshot_dir=args.fewshot_dir)
+    for r in records:  # rows named by recipe (two recipes of one method are two rows), not by method class
+        if r.get("adapter") in names:
+            method = names[r["adapter"]]
+            r["head"] = f"{method} (adapter)" if r["head"].endswith(" (adapter)") else \
+                f"{r['head'].split('+', 1)[0]}+{method}"
     ff = FeatureFile(path)
     _, _, val, val_desc = ff.fewshot(k, seed or 1, protocol, args.fewshot_dir)
     for r in records:

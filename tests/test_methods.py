@@ -28,6 +28,8 @@ class Row:
     #: optimiser steps per epoch with the data arguments below, and a crash step in the second epoch
     steps_per_epoch: int = 5
     crash_step: int = 7
+    #: the row's test id when a method has several rows (recipes)
+    label: str = ""
 
 
 def _data_args(row: Row, request) -> list:
@@ -42,11 +44,17 @@ def _data_args(row: Row, request) -> list:
 
 METHODS = [
     Row("dac", DAC_DEMO, "extracted", ("--model.init_args.feature_noise", "0.05", "--model.init_args.dropout", "0.1")),
+    # the ensemble recipe (configs/dac/ensemble.yaml) on the demo backbone: members, the head per member,
+    # and the best epoch on val kept in checkpoints (a resumed run chooses among every epoch)
+    Row("dac", DAC_DEMO, "extracted", ("--model.init_args.members", "2", "--model.init_args.with_original", "true",
+                                       "--model.init_args.inference_head", "gda", "--model.init_args.search_each_epoch",
+                                       "true", "--trainer.callbacks+=callbacks.best_on_val.BestEpochOnVal"),
+        label="dac-ensemble"),
     Row("coder_adapter", CODER_DEMO, "extracted"),
     Row("tip_adapter_f", TIP_F_DEMO, "extracted"),
     Row("imo", IMO_DEMO, "openimages_shards", steps_per_epoch=6, crash_step=8),
 ]
-ROWS = pytest.mark.parametrize("row", METHODS, ids=[r.method for r in METHODS])
+ROWS = pytest.mark.parametrize("row", METHODS, ids=[r.label or r.method for r in METHODS])
 
 
 def _fit(row, request, run_dir, *extra) -> int:

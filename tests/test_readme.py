@@ -83,9 +83,9 @@ def _run(script: str, args: list[str]) -> int:
     """The command in this process (the child-process form of each entry point is tested elsewhere)."""
     import importlib
 
-    from clip_adapters import evaluate, train
+    from clip_adapters import benchmark, evaluate, train
 
-    main = {"train.py": train.main, "evaluate.py": evaluate.main}.get(script)
+    main = {"train.py": train.main, "evaluate.py": evaluate.main, "benchmark.py": benchmark.main}.get(script)
     return (main or importlib.import_module(script).main)(args)
 
 
@@ -93,10 +93,10 @@ def _check_form(script: str, args: list[str]) -> None:
     if script == "train.py":
         result = run_script("train.py", *args, "--print_config", timeout=120)
         assert result.returncode == 0, (args, result.stderr[-1500:])
-    elif script == "evaluate.py":
-        from clip_adapters import evaluate
+    elif script in ("evaluate.py", "benchmark.py"):
+        from clip_adapters import benchmark, evaluate
 
-        evaluate.parse_args(args)  # an unknown option or head exits 2
+        (evaluate if script == "evaluate.py" else benchmark).parse_args(args)  # an unknown option exits 2
     else:
         result = run_script("-m", script, *args, timeout=120)
         assert result.returncode == 2 and "unrecognized arguments" not in result.stderr, result.stderr[-1000:]
