@@ -1,6 +1,6 @@
 """Run every benchmark, write bench/results.json and bench/RESULTS.md, and refresh the README tables.
 
-    python -m bench            # or: make bench  (about 5 minutes on 2 CPU cores)
+    python -m bench            # or: make bench  (about 15 minutes on 2 CPU cores)
     python -m bench --only search_speed feature_file_io
 
 Each script runs in its own process (so memory and thread settings do not leak between them) and

@@ -192,7 +192,8 @@ def best_record(records: list[dict]) -> dict | None:
     if not candidates:
         return None
     winner = max(candidates, key=lambda r: r["val_acc1"])  # max keeps the first of equals
-    splits = sorted(set(winner["selected_splits"]) | ({"val"} if winner.get("val", "").startswith("val") else {"train"}))
+    on_val = (winner.get("val") or "").startswith("val")  # else cross-validated training shots (no val split)
+    splits = sorted(set(winner["selected_splits"]) | ({"val"} if on_val else {"train"}))
     return {**winner, "head": BEST, "chosen": winner["head"], "selected_splits": splits,
             "selected_on": f"{winner['selected_on']}; the method: {winner.get('val', 'val')}",
             "notes": [f"{winner['head']}: best of {len(candidates)} methods on the selection data "

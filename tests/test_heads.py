@@ -154,3 +154,16 @@ def test_gda_with_one_sample_per_class_falls_back_to_nearest_class_mean():
     assert any("one sample per class" in n for n in gda.notes)
     prototype = build_head("prototype").fit(data)
     assert torch.equal(gda(data.val_x).argmax(-1), prototype(data.val_x).argmax(-1))  # unit-norm means
+
+
+def test_spd_inverse_is_the_inverse_and_falls_back_to_the_pseudo_inverse():
+    """GDA's precision: Cholesky for the ridge covariance (an SVD failed to converge on 4-shot scatter),
+    the hermitian pseudo-inverse when the matrix is not positive definite."""
+    from adapters.heads import spd_inverse
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 64, generator=g, dtype=torch.float64)  # fewer samples than dimensions
+    cov = torch.cov(x.T)
+    ridge = 39 * cov + torch.trace(cov) * torch.eye(64, dtype=torch.float64)
+    torch.testing.assert_close(spd_inverse(ridge) @ ridge, torch.eye(64, dtype=torch.float64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(spd_inverse(cov), torch.linalg.pinv(cov, hermitian=True))  # singular: not PD
