@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import webdataset as wds
-from webdataset.tariterators import base_plus_ext
 
 from adapters.atomic import atomic_path, atomic_write_text
 from adapters.errors import ConfigError, UserError
@@ -304,23 +303,9 @@ def file_crc32(path: str | Path, block: int = 1 << 20) -> int | None:
 
 # -- existing shards --------------------------------------------------------------------------------
 def iter_tar_samples(path: str | Path) -> Iterator[dict[str, bytes]]:
-    """Group the members of one tar by key (``__key__`` plus one entry per extension), no decoding."""
-    current: dict[str, bytes] | None = None
-    with tarfile.open(path, "r") as tar:
-        for member in tar:
-            if not member.isreg():
-                continue
-            # webdataset's own rule: the key is the path up to the first dot of the file name
-            stem, ext = base_plus_ext(member.name)
-            if stem is None:
-                continue
-            if current is None or current["__key__"] != stem:
-                if current is not None:
-                    yield current
-                current = {"__key__": stem}
-            current[ext] = tar.extractfile(member).read()
-    if current is not None:
-        yield current
+    """Group the members of one local tar by key (`storage.samples_of_tar`), no decoding."""
+    with open(path, "rb") as f:
+        yield from storage.samples_of_tar(f)
 
 
 def label_of(sample: dict, label: str, class_index: dict[str, int] | None, source: str) -> int:

@@ -104,8 +104,9 @@ def open_stream(url: str):
     return wds.gopen(url, "rb")
 
 
-def _samples_of(stream) -> Iterator[dict]:
-    """Group a tar stream's members into samples by key, as webdataset does."""
+def samples_of_tar(stream) -> Iterator[dict[str, bytes]]:
+    """Group a tar stream's members into samples by key (``__key__`` plus one entry per extension, no
+    decoding), as webdataset does: the key is the path up to the first dot of the file name."""
     current = None
     with tarfile.open(fileobj=stream, mode="r|*") as tar:
         for member in tar:
@@ -143,7 +144,7 @@ def tar_samples(src, handler: Callable[[Exception], bool], retries: int = 3, bac
             try:
                 stream = open_stream(url)
                 try:
-                    for i, sample in enumerate(_samples_of(stream)):
+                    for i, sample in enumerate(samples_of_tar(stream)):
                         if i < delivered:
                             continue  # delivered before the connection broke: not again
                         sample["__url__"] = url
