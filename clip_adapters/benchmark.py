@@ -114,7 +114,7 @@ def _cell_name(k: int, seed: int | None, protocol: str) -> str:
 
 
 def train_method(method: str, config: Path, path: str, k: int, seed: int | None, protocol: str,
-                 fewshot_dir: str | None, run_dir: Path, extra: Sequence[str]) -> float:
+                 fewshot_dir: str | None, run_dir: Path, extra: Sequence[str], metadata: dict) -> float:
     """Train one method on one cell (resuming an interrupted run); returns the training time in seconds
     (0 when the export was already there)."""
     from clip_adapters import train
@@ -125,9 +125,8 @@ def train_method(method: str, config: Path, path: str, k: int, seed: int | None,
             "init_args": {"path": path, "shots": k, "fewshot_seed": seed or 1, "protocol": protocol,
                           "fewshot_dir": fewshot_dir}}
     # the features decide the backbone (the method's config names the one its recipe was written for)
-    meta = FeatureFile(path).metadata
-    identity = [arg for key in ("backbone", "pretrained") if meta.get(key)
-                for arg in (f"--model.init_args.{key}", meta[key])]
+    identity = [arg for key in ("backbone", "pretrained") if metadata.get(key)
+                for arg in (f"--model.init_args.{key}", metadata[key])]
     start = time.monotonic()
     quiet = io.StringIO()
     with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
@@ -145,15 +144,16 @@ def run_cell(path: str, k: int, seed: int | None, protocol: str, args: argparse.
     import adapters
 
     stem = Path(path).stem
+    ff = FeatureFile(path)
     exports, seconds, records = [], {}, []
     for method, config in args.trained.items():
         run_dir = out / "runs" / stem / _cell_name(k, seed, protocol) / method
         try:
             seconds[method] = train_method(method, config, path, k, seed, protocol, args.fewshot_dir, run_dir,
-                                           args.train_args)
+                                           args.train_args, ff.metadata)
             exports.append(str(run_dir / "adapter"))
         except UserError as e:  # e.g. a method that needs text on an image-only file: a skipped record
-            records.append({"task": "fewshot_classification", "features": path, "dataset": FeatureFile(path).dataset,
+            records.append({"task": "fewshot_classification", "features": path, "dataset": ff.dataset,
                             "head": f"{method} (adapter)", "shots": k, "seed": seed, "protocol": protocol,
                             "selected_on": "nothing", "selected_splits": [], "skipped": str(e)})
     loaded = [adapters.load_adapter(e) for e in exports]
@@ -165,7 +165,6 @@ def run_cell(path: str, k: int, seed: int | None, protocol: str, args: argparse.
             method = names[r["adapter"]]
             r["head"] = f"{method} (adapter)" if r["head"].endswith(" (adapter)") else \
                 f"{r['head'].split('+', 1)[0]}+{method}"
-    ff = FeatureFile(path)
     _, _, val, val_desc = ff.fewshot(k, seed or 1, protocol, args.fewshot_dir)
     for r in records:
         r.update(shots=k, seed=seed, protocol=protocol)
