@@ -138,6 +138,9 @@ class BackboneModule(L.LightningModule):
                  dataset: str | None = None, templates: list[str] | None = None):
         super().__init__()
         self.save_hyperparameters()  # the arguments of every constructor up the subclass chain
+        if num_classes is None:
+            raise ConfigError("num_classes: not set; it comes from the data (train.py: --data "
+                              "configs/data/<dataset>.yaml) or must be given")
         if num_classes < 2:
             raise ConfigError(f"num_classes: must be >= 2, got {num_classes}")
         if class_names is not None and len(class_names) != num_classes:

@@ -220,7 +220,11 @@ class CoderAdapterHead(TipAdapterHead):
                              torch.linspace(0.5 * alpha, 1.5 * alpha, self.alpha_steps))
             best = super().search(val_x, val_y, val_text_x)
         self._refined = None
-        self.notes = notes  # a refinement window's edge is not a truncated search
+        # a refinement window's edge is not a truncated search; a round-1 edge is, unless refining left it
+        if self.refinements:
+            notes = [f"{n} in round 1; {self.refinements} refinement rounds then chose alpha={best[0]:.4g}, "
+                     f"beta={best[1]:.4g}" if "edge of its grid" in n else n for n in notes]
+        self.notes = notes
         return best
 
     def grid(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,7 @@ class AdapterExport(L.Callback):
         for callback in trainer.checkpoint_callbacks:  # the final, selected head goes into `last` too
             if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath:
                 last = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
-                trainer.save_checkpoint(last)  # collective under DDP; rank 0 writes
+                trainer.save_checkpoint(last, weights_only=False)  # collective under DDP; rank 0 writes
         if trainer.is_global_zero:
             pl_module.export(self.dirpath)
             log.info("adapter exported to %s", self.dirpath)

@@ -59,7 +59,8 @@ class PreemptionCheckpoint(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
             return
-        trainer.save_checkpoint(self.checkpoint)  # every rank stops at the same step: a collective save is safe
+        # every rank stops at the same step: a collective save is safe
+        trainer.save_checkpoint(self.checkpoint, weights_only=False)
         for logger in trainer.loggers:
             logger.save()
         self.saved = True

@@ -126,6 +126,9 @@ class AdapterCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         run_dir = Path(self._get(self.config, "run_dir"))
         check_run_dir(run_dir)
+        if self._get(self.config, "data") is None:
+            raise ConfigError(f"data: {self.subcommand} needs a data module: --data configs/data/<dataset>.yaml "
+                              "(or a data: section in --config)")
         self._check_weights_early()
         self.resume_step = None
         if self.subcommand != "fit":
@@ -235,10 +238,17 @@ class AdapterCLI(LightningCLI):
 _QUIET = (r"\.with_length\(\) only sets", r"Couldn't infer the batch indices", r".*LeafSpec.* is deprecated")
 
 
+def _no_advertising(record: logging.LogRecord) -> bool:
+    """Lightning advertises a cloud logger on every run (an info line in every cluster log)."""
+    return "[litlogger]" not in str(record.msg)
+
+
 def main(args: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for pattern in _QUIET:
         warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_no_advertising)
     register_builtin_methods()
     try:
         AdapterCLI(BackboneModule, subclass_mode_model=True, subclass_mode_data=True,

@@ -284,7 +284,8 @@ def test_predict_with_a_fit_config_and_a_missing_logger_package_are_one_line(tmp
     shared("clip-vit-b32-features/caltech101.safetensors")
     predict = run_script("train.py", "predict", *DAC, "--data", "configs/data/caltech101.yaml", "--run_dir", tmp_path / "p")
     assert predict.returncode == 2 and "extracts features from images" in predict.stderr
-    pytest.importorskip("pytest")
+    no_data = run_script("train.py", "fit", "--config", "configs/imo/demo.yaml", "--run_dir", tmp_path / "n")
+    assert no_data.returncode == 2 and "data: fit needs a data module: --data configs/data/" in no_data.stderr
     try:
         import wandb  # noqa: F401
         pytest.skip("wandb is installed here")
@@ -294,7 +295,7 @@ def test_predict_with_a_fit_config_and_a_missing_logger_package_are_one_line(tmp
                         "lightning.pytorch.loggers.WandbLogger", "--trainer.fast_dev_run", "true")
     lines = [line for line in logger.stderr.splitlines() if line.strip() and "Seed set" not in line]
     assert logger.returncode == 2 and len(lines) == 1 and "wandb" in lines[0], logger.stderr[-1500:]
-    for result in (predict, logger):
+    for result in (predict, no_data, logger):
         assert "Traceback" not in result.stderr and "JsonargparseDeprecationWarning" not in result.stderr
 
 

@@ -284,6 +284,10 @@ def test_coder_adapter_logits_and_search_with_refinements():
         betas = np.linspace(0.5 * picked[1], 1.5 * picked[1], 12).tolist()
         alphas = np.linspace(0.5 * picked[0], 1.5 * picked[0], 6).tolist()
     assert (head.alpha, head.beta) == pytest.approx(picked, rel=1e-5)
+    # a round-1 value on its grid's edge is noted together with what the refinement rounds made of it
+    edges = [n for n in head.notes if "edge of its grid" in n]
+    assert edges and all(n.endswith(f"in round 1; 2 refinement rounds then chose alpha={head.alpha:.4g}, "
+                                    f"beta={head.beta:.4g}") for n in edges), head.notes
 
 
 def test_coder_zero_shot_head_needs_no_tuning():
