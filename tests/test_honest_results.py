@@ -152,6 +152,11 @@ def test_test_on_the_last_checkpoint_equals_the_export(config, tmp_path, extract
                           "--adapter", str(tmp_path / "adapter"), "--output", str(out)]) == 0
     own = next(r for r in json.loads(out.read_text()) if r["head"].endswith("(adapter)"))
     assert abs(tested - own["metrics"]["acc1"]) <= 1e-6, (tested, own["metrics"]["acc1"])
+    # the demo backbone's features score the same under many heads: check what the checkpoint holds, too
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    export = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert ckpt["adapter_extra"] == export["extra"] and ckpt["adapter_extra"]["head_hparams"], ckpt["adapter_extra"]
+    assert ckpt["adapter_selection"] == export["selected_on"]
 
 
 def test_dac_test_on_real_features_equals_the_export(tmp_path):
