@@ -1,7 +1,8 @@
 """Save the run at the current step when a cluster preempts it (SIGTERM) or a user presses Ctrl-C (SIGINT).
 
 Lightning stops a run that received SIGTERM at the end of the current batch, the same batch on every
-rank, with `SIGTERMException`. `PreemptionCheckpoint` turns the first SIGINT into the same graceful stop
+rank, with `SIGTERMException` (a signal during validation lets that validation finish first, so that
+its metrics are not lost). `PreemptionCheckpoint` turns the first SIGINT into the same graceful stop
 (a second one interrupts at once), and when the stop comes, writes ``last.ckpt`` at that step and the
 metrics logged so far, so that ``--ckpt_path last`` continues exactly from there. Under SLURM it also
 asks for the job to be requeued (``scontrol requeue $SLURM_JOB_ID``), as Lightning's own auto-requeue
@@ -38,6 +39,7 @@ class PreemptionCheckpoint(L.Callback):
         self.checkpoint, self.requeue = Path(checkpoint), requeue
         self._previous_sigint = None
         self.saved = False
+        self._deferred = False
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         try:
@@ -55,6 +57,21 @@ class PreemptionCheckpoint(L.Callback):
         if self._previous_sigint is not None:
             signal.signal(signal.SIGINT, self._previous_sigint)
             self._previous_sigint = None
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:
+        # Lightning abandons a validation half-way on SIGTERM, and a resumed run does not redo it: that
+        # epoch's metrics row (and a best-epoch choice) would be lost. Finish it first (one validation
+        # pass), then let the training loop stop where it checks next, at the end of this epoch.
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and trainer.received_sigterm:
+            trainer._signal_connector.received_sigterm = False  # the flag behind `trainer.received_sigterm`
+            self._deferred = True
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._deferred:
+            trainer._signal_connector.received_sigterm = True
+            self._deferred = False
+            log.warning("signal received during validation: validation finished, stopping now")
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":

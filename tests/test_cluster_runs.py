@@ -45,6 +45,11 @@ def _train_loss_steps(run: Path) -> list[int]:
         return [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
 
 
+def _val_epochs(run: Path) -> list[int]:
+    with open(run / "logs" / "csv" / "metrics.csv", newline="") as f:
+        return [int(r["epoch"]) for r in csv.DictReader(f) if r.get("val/acc1")]
+
+
 def _tensorboard_steps(run: Path, tag: str = "train/loss") -> list[int]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -126,12 +131,15 @@ def online_config(tmp_path_factory):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("data, sig", [("cached", signal.SIGTERM), ("cached", signal.SIGINT), ("shards", signal.SIGTERM)],
-                         ids=["cached-SIGTERM", "cached-SIGINT", "shards-SIGTERM"])
-def test_a_signal_saves_the_current_step_and_resume_is_exact(data, sig, tmp_path, request):
+@pytest.mark.parametrize("data, sig, in_validation", [("cached", signal.SIGTERM, False), ("cached", signal.SIGINT, True),
+                                                       ("shards", signal.SIGTERM, False)],
+                         ids=["cached-SIGTERM", "cached-SIGINT-in-validation", "shards-SIGTERM"])
+def test_a_signal_saves_the_current_step_and_resume_is_exact(data, sig, in_validation, tmp_path, request):
     """The process receives SIGTERM (or SIGINT) at a random step (seeded; sent through the OS by the run
     itself, so the step is known), stops at the end of that batch with status 143 and the checkpoint of
-    that step; ``--ckpt_path last`` then ends with the uninterrupted run's export and an unbroken history."""
+    that step; ``--ckpt_path last`` then ends with the uninterrupted run's export and an unbroken history.
+    A signal during validation lets the validation finish: the checkpoint is at that epoch's end, and
+    no epoch's validation row is missing."""
     if data == "cached":
         shared("clip-vit-b32-features/caltech101.safetensors")
         args, per_epoch, epochs = [*FIT, "--trainer.max_epochs", "12", "--checkpoint_every_n_steps", "50"], 7, 12
@@ -142,18 +150,22 @@ def test_a_signal_saves_the_current_step_and_resume_is_exact(data, sig, tmp_path
     run = tmp_path / "stopped"
     step = random.Random(f"{data}-{sig}").randrange(3, per_epoch * epochs - 2)
     stopped = run_script("train.py", *args, "--run_dir", run, "--trainer.callbacks+=tests.helpers.SignalAtStep",
-                         "--trainer.callbacks.step", step, "--trainer.callbacks.signum", int(sig))
+                         "--trainer.callbacks.step", step, "--trainer.callbacks.signum", int(sig),
+                         "--trainer.callbacks.in_validation", str(in_validation).lower())
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     print(f"\n[reliability] {data} {signal.Signals(sig).name} at step {step}: exit {stopped.returncode}, checkpoint at "
           f"step {ckpt['global_step']} of {per_epoch * epochs} (periodic every 50)")
     assert stopped.returncode == 143, stopped.stderr[-2000:]
-    assert ckpt["global_step"] == step and not (run / "adapter").exists()  # that step, not a periodic one
+    epoch_end = -(-step // per_epoch) * per_epoch  # a validation runs after an epoch's last step
+    assert ckpt["global_step"] == (epoch_end if in_validation else step)  # that step, not a periodic one
+    assert not (run / "adapter").exists()
     assert run_script("train.py", *args, "--run_dir", run, "--ckpt_path", "last").returncode == 0
     identical = _same_exports(tmp_path / "whole" / "adapter", run / "adapter")
     steps = _train_loss_steps(run)
     print(f"[reliability] {data} {signal.Signals(sig).name}: export identical {identical}, "
           f"metrics rows {len(steps)} (steps 0..{per_epoch * epochs - 1} once each: {steps == list(range(per_epoch * epochs))})")
     assert identical and steps == list(range(per_epoch * epochs))
+    assert _val_epochs(run) == _val_epochs(tmp_path / "whole")  # every validation once, none lost
 
 
 def test_sigterm_under_slurm_requeues_the_job(tmp_path):
