@@ -67,3 +67,21 @@ def test_generic_code_names_no_method(path):
     hits = [w for w in _code_names(path) if any(METHOD_NAMES.fullmatch(part)
                                                  for part in re.split(r"[^A-Za-z]+|(?<=[a-z])(?=[A-Z])", w))]
     assert not hits, f"{path.relative_to(ROOT)} names methods in code: {sorted(set(hits))}"
+
+
+def test_the_installed_distribution_holds_the_packages_and_commands_only():
+    """Nothing named ``train``, ``evaluate``, ``demo`` or ``bench`` is installed (they would shadow Hugging
+    Face's ``evaluate`` and friends); the entry points are console scripts."""
+    import configparser
+
+    from setuptools import find_packages  # what `packages = find:` runs
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    include = cfg["options.packages.find"]["include"].split()
+    packages = find_packages(str(ROOT), include=include)
+    assert {p.split(".")[0] for p in packages} == {"adapters", "datamodules", "callbacks", "clip_adapters"}
+    scripts = dict(line.split(" = ") for line in cfg["options.entry_points"]["console_scripts"].split("\n") if line)
+    assert scripts == {"clip-adapters-train": "clip_adapters.train:main",
+                       "clip-adapters-evaluate": "clip_adapters.evaluate:main",
+                       "clip-adapters-benchmark": "clip_adapters.benchmark:main"}
