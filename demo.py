@@ -23,12 +23,29 @@ from datamodules import shards
 from datamodules.synthetic import make_image_folder
 
 
+def fresh_run_dir(base: Path) -> Path:
+    """``base``, or ``base-2``, ``base-3``, ... : the first that does not exist or is empty. Running the
+    demo again never writes over an earlier demo (a run directory is its user's record)."""
+    candidate, n = base, 1
+    while candidate.exists() and any(candidate.iterdir()):
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run_dir", default="runs/demo", help="where images, shards, features and the run go")
+    p.add_argument("--run_dir", default=None,
+                   help="where images, shards, features and the run go (default: runs/demo, or runs/demo-2, ... "
+                        "when an earlier demo is there); must be new or empty")
     p.add_argument("--per_class", type=int, default=40, help="images per class")
     args = p.parse_args(argv)
-    run = Path(args.run_dir)
+    run = fresh_run_dir(Path("runs/demo")) if args.run_dir is None else Path(args.run_dir)
+    if run.exists() and any(run.iterdir()):
+        print(f"demo.py: error: --run_dir: {run} is not empty (an earlier run?); pass a new directory, or "
+              "leave --run_dir out to get a fresh one", file=sys.stderr)
+        return 2
+    print(f"demo run directory: {run}")
     start = time.monotonic()
 
     def step(title: str) -> None:

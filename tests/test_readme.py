@@ -122,3 +122,18 @@ def test_make_demo_runs_offline_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "demo" / "dac" / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "demo" / "eval_results.json").is_file()
+
+
+def test_the_demo_never_writes_over_an_earlier_demo(tmp_path):
+    import demo
+
+    base = tmp_path / "demo"
+    assert demo.fresh_run_dir(base) == base
+    base.mkdir()
+    assert demo.fresh_run_dir(base) == base  # an empty directory is free
+    (base / "eval_results.json").write_text("{}")
+    (tmp_path / "demo-2").mkdir()
+    (tmp_path / "demo-2" / "x").write_text("")
+    assert demo.fresh_run_dir(base) == tmp_path / "demo-3"
+    assert demo.main(["--run_dir", str(base)]) == 2  # an explicit directory that holds a run: refused
+    assert (base / "eval_results.json").read_text() == "{}"
