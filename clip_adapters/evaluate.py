@@ -483,8 +483,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                       + (f"  ({'; '.join(r['notes'])})" if r["notes"] else ""))
     records += [{"task": "intra_modal_overlap", **r} for r in overlaps]
     if args.output and records:
+        replaced = Path(args.output).exists()
         atomic_write_text(args.output, json.dumps(records, indent=2))
         console.print(f"results written to {Path(args.output).resolve()}"
+                      + (" (replacing the results that were there)" if replaced else "")
                       + (f" ({failed} of {len(args.features)} files failed)" if failed else ""))
     return 2 if failed else 0
 

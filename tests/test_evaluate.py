@@ -73,13 +73,16 @@ def test_all_heads_with_text_features_and_seeds(tmp_path, capsys):
     assert "zeroshot" in capsys.readouterr().out
 
 
-def test_without_test_split_scores_on_val_and_says_so(tmp_path):
+def test_without_test_split_scores_on_val_and_says_so(tmp_path, capsys):
     path = _text_feature_file(tmp_path / "toy.safetensors", with_test=False)
     out = tmp_path / "r.json"
     assert evaluate.main(["--features", str(path), "--shots", "2", "--heads", "tip", "--output", str(out)]) == 0
     (record,) = json.loads(out.read_text())
     assert record["eval_split"] == "val" and "no test split: scored on val" in record["notes"]
     assert record["selected_on"].startswith("nothing") and record["selected_splits"] == []
+    assert "replacing" not in capsys.readouterr().out
+    assert evaluate.main(["--features", str(path), "--shots", "2", "--heads", "tip", "--output", str(out)]) == 0
+    assert "replacing the results that were there" in " ".join(capsys.readouterr().out.split())  # never silently
 
 
 def _run(*args):
