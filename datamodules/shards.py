@@ -201,6 +201,9 @@ def write_shards(records: Sequence[Record], class_names: Sequence[str], out_dir:
     """
     if max_count < 1:
         raise ConfigError(f"max_count: must be >= 1, got {max_count}")
+    if storage.exists(storage.join(str(out_dir), MANIFEST)):  # shards are a record too: never written over
+        raise ConfigError(f"--out: {out_dir} already holds shards ({MANIFEST}); write to another directory, or "
+                          "remove the old shards first")
     if storage.is_remote(str(out_dir)):
         import tempfile
 

@@ -3,8 +3,10 @@ import io
 import json
 import tarfile
 
+import pytest
 from PIL import Image
 
+from adapters.errors import ConfigError
 from datamodules import shards
 from datamodules.shards import from_coop_split, from_csv, from_folder, index_shards, iter_tar_samples, write_shards
 from tests.conftest import shared
@@ -43,6 +45,11 @@ def test_writing_twice_gives_identical_shards(tmp_path):
     write_shards(records, names, tmp_path / "b", max_count=50, progress=False, dataset="cifar")
     for name in ("train-000000.tar", "train-000002.tar", "dataset.json", "train-index.tsv"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    # into a directory that already holds shards: refused, nothing touched
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    with pytest.raises(ConfigError, match="already holds shards"):
+        write_shards(records[:10], names, tmp_path / "a", max_count=5, progress=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
 
 
 def test_shard_size_limit_by_bytes(tmp_path):
