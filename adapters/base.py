@@ -311,6 +311,11 @@ class AdapterModule(BackboneModule):
         super().__init__(num_classes, class_names, backbone, pretrained, cache_dir, embed_dim, dataset, templates)
         if scheduler not in ("cosine", "constant"):
             raise ConfigError(f"scheduler: must be 'cosine' or 'constant', got {scheduler!r}")
+        for name, value in (("lr", lr), ("eps", eps)):
+            if not value > 0:  # also refuses NaN
+                raise ConfigError(f"{name}: must be > 0, got {value}")
+        if not weight_decay >= 0:
+            raise ConfigError(f"weight_decay: must be >= 0, got {weight_decay}")
         self.val_metrics = classification_metrics(num_classes, prefix="val/")
         self.test_metrics = classification_metrics(num_classes, prefix="test/")
         #: The data splits choices were made on at training time: "head" (the inference head's

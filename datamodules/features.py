@@ -95,6 +95,8 @@ class FeatureDataModule(ResumableTrainLoader, L.LightningDataModule):
                  test_split: str | None = "test", train_views: bool = False, global_batch_size: int | None = None,
                  protocol: str = "full", fewshot_dir: str | None = None):
         super().__init__()
+        if batch_size < 1 or num_workers < 0:
+            raise ConfigError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
         self.file = FeatureFile(path)
         self.file.verify([s for s in (val_split, test_split) if s and self.file.has_split(s)] +
                          ([f"train_{shots}shot"] if shots and self.file.has_split(f"train_{shots}shot") else

@@ -132,6 +132,20 @@ def test_extraction_in_one_and_two_processes_gives_the_same_features(tmp_path, e
     torch.testing.assert_close(a.text_features.float(), b.text_features.float())
 
 
+@pytest.mark.parametrize("kwargs, message", [({"lr": -1.0}, "lr: must be > 0"), ({"eps": 0.0}, "eps: must be > 0"),
+                                            ({"weight_decay": -0.1}, "weight_decay: must be >= 0")])
+def test_bad_optimiser_settings_are_config_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        DACAdapter(num_classes=3, backbone=TINY_MODEL, embed_dim=8, **kwargs)
+
+
+def test_bad_batch_settings_are_config_errors():
+    path = shared("clip-vit-b32-features/caltech101.safetensors")
+    for kwargs in ({"batch_size": 0}, {"num_workers": -1}):
+        with pytest.raises(ConfigError, match="batch_size must be >= 1 and num_workers >= 0"):
+            FeatureDataModule(str(path), **kwargs)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--data.init_args.path", "missing.safetensors"], "missing.safetensors: no such feature file"),
     (["--model.init_args.backbone", "tiny-clip"], "model.backbone: tiny-clip but the features were extracted with ViT-B-32"),
