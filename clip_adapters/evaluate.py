@@ -87,6 +87,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "(refused by default: same class count, different classes)")
     args = p.parse_args(argv)
     args.heads = [h.strip() for h in args.heads.split(",") if h.strip()]
+    if not args.heads:
+        p.error("--heads: no head given (e.g. --heads prototype,tip,gda)")
     unknown = [h for h in args.heads if h not in HEADS]
     if unknown:
         p.error(f"--heads: unknown head {unknown[0]!r} (known: {', '.join(sorted(HEADS))})")
@@ -459,6 +461,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     records, overlaps, failed = [], [], 0
     # plots go next to the results, or where asked: never into the current directory by surprise
     plot_dir = Path(args.plot_dir) if args.plot_dir else (Path(args.output).parent if args.output else None)
+    for where, folder in (("--plot_dir", plot_dir if args.overlap else None),
+                          ("--output", Path(args.output).parent if args.output else None)):
+        try:  # before hours of evaluation, not after
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            why = "a file of that name is not a folder" if isinstance(e, FileExistsError) else e.strerror
+            print(f"{PROG}: error: {where}: cannot create {folder} ({why})", file=sys.stderr)
+            return 2
     chunk = None if args.chunk_mb == 0 else int(args.chunk_mb * 2**20 / 4)  # float32 elements
     for path in args.features:  # one bad file costs its own rows, not everyone's
         try:

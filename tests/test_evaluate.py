@@ -101,6 +101,19 @@ def test_bad_input_is_one_line_exit_2(tmp_path, make_args, message):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_empty_heads_and_unwritable_output_folders_fail_before_any_work(tmp_path, capsys):
+    features = str(_text_feature_file(tmp_path / "t.safetensors"))
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(["--features", features, "--heads", " "])
+    assert exit_.value.code == 2 and "--heads: no head given" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")  # a file where a folder must be created
+    for args, where in ([["--output", str(tmp_path / "file" / "r.json")], "--output"],
+                        [["--overlap", "--plot_dir", str(tmp_path / "file" / "plots")], "--plot_dir"]):
+        assert evaluate.main(["--features", features, "--heads", "prototype", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"error: {where}: cannot create" in err[0] and "not a folder" in err[0], err
+
+
 def test_wrong_key_and_dimension_mismatch_are_one_line_exit_2(tmp_path):
     from safetensors.torch import save_file
     save_file({"train.features": torch.zeros(4, 8)}, str(tmp_path / "nolabels.safetensors"))
