@@ -19,7 +19,10 @@ honestly report. Its accuracy on val is optimistic for the methods that searched
 number is not.
 
 Resumable: a finished cell is a file under ``DIR/cells/`` and is skipped; a trained method whose
-training was interrupted resumes from its last checkpoint (``DIR/runs/``). Writes ``DIR/results.json``
+training was interrupted resumes from its last checkpoint (``DIR/runs/``). What was asked is part of
+the names: a cell file is keyed by its methods (and their recipes), a training run by its recipe (the
+config file's text and ``--train_args``), so asking for other methods runs them, and a changed recipe
+trains anew; nothing earlier is reused for what it was not, or written over. Writes ``DIR/results.json``
 (the records, plus ``train_seconds`` for trained methods), ``DIR/summary.md`` (mean ± std tables per
 protocol) and ``DIR/plots/<file>.png`` (accuracy vs shots with error bars).
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -91,6 +95,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--methods: unknown method {unknown[0]!r} (known: {', '.join(known)})")
     if args.methods == "all":  # a head that needs text or other inputs says so in its skipped record
         wanted = [h for h in wanted if h in methods or evaluate.HEADS[h].in_default_set]
+    if not wanted:
+        p.error("--methods: none given (e.g. --methods prototype,tip,gda or --methods all)")
     args.heads = [m for m in wanted if m in evaluate.HEADS]
     args.trained = {m: methods[m] for m in wanted if m in methods}
     if any(k < 1 for k in args.shots):
@@ -111,6 +117,21 @@ def cells(ff: FeatureFile, shots: Sequence[int], seeds: Sequence[int], protocols
 
 def _cell_name(k: int, seed: int | None, protocol: str) -> str:
     return f"{k}shot-{'file' if seed is None else f'seed{seed}'}-{protocol}"
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def recipe_key(config: Path, train_args: Sequence[str]) -> str:
+    """What a trained method's run depends on beyond its cell: its config file and the extra options."""
+    return _digest(Path(config).read_text(), list(train_args))
+
+
+def cell_key(args: argparse.Namespace) -> str:
+    """What a cell's records depend on beyond (file, shots, seed, protocol): the methods and recipes."""
+    return _digest(sorted(args.heads), {m: recipe_key(c, args.train_args) for m, c in args.trained.items()},
+                   args.fewshot_dir)
 
 
 def train_method(method: str, config: Path, path: str, k: int, seed: int | None, protocol: str,
@@ -147,7 +168,7 @@ def run_cell(path: str, k: int, seed: int | None, protocol: str, args: argparse.
     ff = FeatureFile(path)
     exports, seconds, records = [], {}, []
     for method, config in args.trained.items():
-        run_dir = out / "runs" / stem / _cell_name(k, seed, protocol) / method
+        run_dir = out / "runs" / stem / _cell_name(k, seed, protocol) / f"{method}-{recipe_key(config, args.train_args)}"
         try:
             seconds[method] = train_method(method, config, path, k, seed, protocol, args.fewshot_dir, run_dir,
                                            args.train_args, ff.metadata)
@@ -267,7 +288,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     out = Path(args.out)
-    todo = []
+    todo, key = [], cell_key(args)
     for path in args.features:
         ff = FeatureFile(path)
         todo += [(path, *cell) for cell in cells(ff, args.shots, args.seeds, args.protocol, args.fewshot_dir)]
@@ -277,7 +298,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
         task = bar.add_task("benchmark", total=len(todo))
         for path, k, seed, protocol in todo:
-            cell_file = out / "cells" / Path(path).stem / f"{_cell_name(k, seed, protocol)}.json"
+            cell_file = out / "cells" / Path(path).stem / f"{_cell_name(k, seed, protocol)}-{key}.json"
             bar.update(task, description=f"{Path(path).stem} {_cell_name(k, seed, protocol)}")
             if cell_file.exists():  # done in an earlier run
                 records += json.loads(cell_file.read_text())
@@ -304,6 +325,11 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"{PROG}: error: --out: cannot create {args.out} ({e.strerror})", file=sys.stderr)
+        return 2
     try:
         run(args)
     except UserError as e:

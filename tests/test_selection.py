@@ -196,6 +196,26 @@ def test_benchmark_runs_every_cell_once_and_reports_the_val_choice(tmp_path, mon
     assert json.loads((out / "results.json").read_text()) == records
 
 
+def test_benchmark_cells_and_runs_are_keyed_by_what_was_asked(tmp_path):
+    path = str(_file(tmp_path / "toy.safetensors"))
+    out = tmp_path / "bench"
+    common = ["--features", path, "--shots", "2", "--seeds", "1", "--out", str(out)]
+
+    def heads() -> set[str]:
+        return {r["head"] for r in json.loads((out / "results.json").read_text()) if r.get("task") == "fewshot_classification"}
+    assert benchmark.main([*common, "--methods", "prototype"]) == 0
+    assert heads() == {"prototype", benchmark.BEST}
+    # other methods into the same --out run (the cell above is not taken for theirs)
+    assert benchmark.main([*common, "--methods", "prototype,gda,tip_adapter_f", "--train_args",
+                           "--trainer.max_epochs", "1"]) == 0
+    assert heads() >= {"prototype", "gda", "tip_adapter_f (adapter)", benchmark.BEST}
+    runs = sorted(p.name for p in (out / "runs").rglob("tip_adapter_f-*"))
+    # another recipe (other --train_args) trains anew beside the first run, which stays as it was
+    assert benchmark.main([*common, "--methods", "tip_adapter_f", "--train_args", "--trainer.max_epochs", "2"]) == 0
+    again = sorted(p.name for p in (out / "runs").rglob("tip_adapter_f-*"))
+    assert len(runs) == 1 and len(again) == 2 and set(runs) < set(again)
+
+
 def test_benchmark_bad_method_is_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         benchmark.parse_args(["--features", "x", "--methods", "nope", "--out", "o"])
