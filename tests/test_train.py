@@ -156,3 +156,24 @@ def test_bad_configuration_is_one_line_exit_2(tmp_path, args, message):
     result = run_script("train.py", "fit", *DAC, *data_config("caltech101"), "--run_dir", tmp_path, *args)
     assert result.returncode == 2, result.stderr[-1500:]
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_damaged_or_missing_exports_are_one_line_errors(tmp_path):
+    from adapters.errors import UserError
+
+    good = DACAdapter(num_classes=3, backbone=TINY_MODEL, embed_dim=8).export(tmp_path / "good")
+    assert adapters.load_adapter(good).method == "dac"
+    cases = {"missing": lambda d: (d / "adapter_model.safetensors").unlink(),
+             "config": lambda d: (d / "adapter_config.json").write_text("{"),
+             "weights": lambda d: (d / "adapter_model.safetensors").write_bytes(b"\x10" * 40)}
+    messages = {"missing": "not an adapter export", "config": "malformed adapter config",
+                "weights": "unreadable adapter weights"}
+    for name, damage in cases.items():
+        export = tmp_path / name
+        export.mkdir()
+        for f in good.iterdir():
+            (export / f.name).write_bytes(f.read_bytes())
+        damage(export)
+        with pytest.raises(UserError, match=messages[name]) as err:
+            adapters.load_adapter(export)
+        assert "\n" not in str(err.value) and str(export) in str(err.value)
