@@ -1,13 +1,18 @@
 """Save the run at the current step when a cluster preempts it (SIGTERM) or a user presses Ctrl-C (SIGINT).
 
-Lightning stops a run that received SIGTERM at the end of the current batch, the same batch on every
-rank, with `SIGTERMException` (a signal during validation lets that validation finish first, so that
-its metrics are not lost). `PreemptionCheckpoint` turns the first SIGINT into the same graceful stop
-(a second one interrupts at once), and when the stop comes, writes ``last.ckpt`` at that step and the
+During training `PreemptionCheckpoint` owns both signals: its handler only notes the request (a
+second Ctrl-C interrupts at once). At the end of every training batch the ranks agree whether any of
+them was signalled (one small all-reduce; a no-op on one device) and, if so, every rank stops after
+that same batch, through Lightning's own SIGTERM path (`SIGTERMException`): a validation due after the
+batch runs first, so its metrics are not lost. Then it writes ``last.ckpt`` at that step and the
 metrics logged so far, so that ``--ckpt_path last`` continues exactly from there. Under SLURM it also
 asks for the job to be requeued (``scontrol requeue $SLURM_JOB_ID``), as Lightning's own auto-requeue
 does for SIGUSR1. The process then exits with status 143 (128 + SIGTERM), so a scheduler sees an
 interrupted job, not a finished one.
+
+Why not Lightning's handler: it runs a collective (a broadcast) inside the signal handler and lets a
+rank stop alone, so a DDP job whose ranks are signalled at different moments (SLURM signals every
+task, a user only the launcher) hangs instead of stopping (Lightning-AI/pytorch-lightning#20806).
 """
 from __future__ import annotations
 
@@ -37,32 +42,46 @@ class PreemptionCheckpoint(L.Callback):
 
     def __init__(self, checkpoint: str | Path, requeue: bool = True):
         self.checkpoint, self.requeue = Path(checkpoint), requeue
-        self._previous_sigint = None
         self.saved = False
+        self._requested = False
         self._deferred = False
+        self._previous: dict[int, object] = {}
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        try:
-            self._previous_sigint = signal.signal(signal.SIGINT, self._sigint)
-        except ValueError:  # not the main thread: leave SIGINT alone
-            self._previous_sigint = None
+    # -- the signals: noted by the handler, acted on at a batch end every rank shares ---------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # here, not at fit start: Lightning installs its own handlers just before training starts
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[signum] = signal.signal(signum, self._on_signal)
+            except ValueError:  # not the main thread: leave the signals alone
+                pass
 
-    def _sigint(self, signum, frame) -> None:
-        # first Ctrl-C: stop like SIGTERM (end of this batch, checkpoint); a second one: at once
-        signal.signal(signal.SIGINT, self._previous_sigint or signal.default_int_handler)
-        log.warning("interrupted: stopping at the end of this batch and saving a checkpoint (Ctrl-C again to abort)")
-        os.kill(os.getpid(), signal.SIGTERM)
+    def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self._requested:
+            raise KeyboardInterrupt  # a second Ctrl-C: at once
+        if not self._requested:
+            log.warning("%s: stopping at the end of this batch and saving a checkpoint%s", signal.Signals(signum).name,
+                        " (Ctrl-C again to abort)" if signum == signal.SIGINT else "")
+        self._requested = True
 
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._previous_sigint is not None:
-            signal.signal(signal.SIGINT, self._previous_sigint)
-            self._previous_sigint = None
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if trainer.strategy.reduce_boolean_decision(self._requested, all=False):  # any rank signalled
+            trainer._signal_connector.received_sigterm = True  # the flag behind `trainer.received_sigterm`
+
+    def _restore_handlers(self) -> None:
+        for signum, previous in self._previous.items():
+            if signal.getsignal(signum) == self._on_signal:
+                signal.signal(signum, previous)
+        self._previous = {}
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_handlers()
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int,
                                 dataloader_idx: int = 0) -> None:
-        # Lightning abandons a validation half-way on SIGTERM, and a resumed run does not redo it: that
-        # epoch's metrics row (and a best-epoch choice) would be lost. Finish it first (one validation
-        # pass), then let the training loop stop where it checks next, at the end of this epoch.
+        # A stop agreed at an epoch's last batch: Lightning would abandon the validation that follows
+        # half-way, and a resumed run does not redo it (that epoch's metrics row and a best-epoch choice
+        # would be lost). Let it finish, then let the training loop stop where it checks next.
         if trainer.state.fn == "fit" and not trainer.sanity_checking and trainer.received_sigterm:
             trainer._signal_connector.received_sigterm = False  # the flag behind `trainer.received_sigterm`
             self._deferred = True
@@ -74,6 +93,7 @@ class PreemptionCheckpoint(L.Callback):
             log.warning("signal received during validation: validation finished, stopping now")
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_handlers()
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
             return
         # every rank stops at the same step: a collective save is safe

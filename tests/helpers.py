@@ -93,23 +93,25 @@ class SignalAtStep(L.Callback):
     """Send this process a signal once training reaches a given global step (or prediction a given
     number of batches): preemption, Ctrl-C, a kill, as a scheduler or a user sends it, at a known step."""
 
-    def __init__(self, step: int, signum: int = 15, in_validation: bool = False):
+    def __init__(self, step: int, signum: int = 15, in_validation: bool = False, rank: int | None = None):
         self.step, self.signum, self.sent, self.predicted = step, signum, False, 0
         self.in_validation = in_validation  # during the first validation batch at or after the step
+        self.rank = rank  # under DDP: only this rank is signalled (None: every rank)
 
-    def _signal(self) -> None:
+    def _signal(self, trainer=None) -> None:
         import os
 
         self.sent = True
-        os.kill(os.getpid(), self.signum)
+        if self.rank is None or trainer is None or trainer.global_rank == self.rank:
+            os.kill(os.getpid(), self.signum)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= self.step and not self.sent and not self.in_validation:
-            self._signal()
+            self._signal(trainer)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self.in_validation and trainer.global_step >= self.step and not self.sent and not trainer.sanity_checking:
-            self._signal()
+            self._signal(trainer)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self.predicted += 1  # prediction has no global step: count its batches

@@ -138,8 +138,8 @@ def test_a_signal_saves_the_current_step_and_resume_is_exact(data, sig, in_valid
     """The process receives SIGTERM (or SIGINT) at a random step (seeded; sent through the OS by the run
     itself, so the step is known), stops at the end of that batch with status 143 and the checkpoint of
     that step; ``--ckpt_path last`` then ends with the uninterrupted run's export and an unbroken history.
-    A signal during validation lets the validation finish: the checkpoint is at that epoch's end, and
-    no epoch's validation row is missing."""
+    A signal during validation lets the validation finish: the checkpoint is at the next step, and no
+    epoch's validation row is missing."""
     if data == "cached":
         shared("clip-vit-b32-features/caltech101.safetensors")
         args, per_epoch, epochs = [*FIT, "--trainer.max_epochs", "12", "--checkpoint_every_n_steps", "50"], 7, 12
@@ -157,7 +157,8 @@ def test_a_signal_saves_the_current_step_and_resume_is_exact(data, sig, in_valid
           f"step {ckpt['global_step']} of {per_epoch * epochs} (periodic every 50)")
     assert stopped.returncode == 143, stopped.stderr[-2000:]
     epoch_end = -(-step // per_epoch) * per_epoch  # a validation runs after an epoch's last step
-    assert ckpt["global_step"] == (epoch_end if in_validation else step)  # that step, not a periodic one
+    # that step, not a periodic one (a signal during a validation: the next step, after that validation)
+    assert ckpt["global_step"] == (epoch_end + 1 if in_validation else step)
     assert not (run / "adapter").exists()
     assert run_script("train.py", *args, "--run_dir", run, "--ckpt_path", "last").returncode == 0
     identical = _same_exports(tmp_path / "whole" / "adapter", run / "adapter")
@@ -166,6 +167,29 @@ def test_a_signal_saves_the_current_step_and_resume_is_exact(data, sig, in_valid
           f"metrics rows {len(steps)} (steps 0..{per_epoch * epochs - 1} once each: {steps == list(range(per_epoch * epochs))})")
     assert identical and steps == list(range(per_epoch * epochs))
     assert _val_epochs(run) == _val_epochs(tmp_path / "whole")  # every validation once, none lost
+
+
+@pytest.mark.timeout(300)
+def test_a_signal_to_one_ddp_rank_stops_every_rank_at_one_step(tmp_path):
+    """Under DDP the ranks agree at every step end whether any of them was signalled, so a signal that
+    reaches one rank only (here rank 1; SLURM signals every task at slightly different moments) stops all
+    of them after the same batch: no hang, exit 143, and the resumed run ends with the export of an
+    uninterrupted 2-rank run. (With Lightning's own handler this hung.)"""
+    shared("clip-vit-b32-features/caltech101.safetensors")
+    args = [*FIT, "--trainer.max_epochs", "3", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+            "--trainer.strategy", "ddp"]
+    whole = run_script("train.py", *args, "--run_dir", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    run = tmp_path / "stopped"
+    stopped = run_script("train.py", *args, "--run_dir", run, "--trainer.callbacks+=tests.helpers.SignalAtStep",
+                         "--trainer.callbacks.step", "5", "--trainer.callbacks.rank", "1", timeout=120)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    print(f"\n[reliability] DDP, SIGTERM to rank 1 at step 5: exit {stopped.returncode}, checkpoint at step "
+          f"{ckpt['global_step']}")
+    assert stopped.returncode == 143 and ckpt["global_step"] == 5, stopped.stderr[-2000:]
+    assert run_script("train.py", *args, "--run_dir", run, "--ckpt_path", "last").returncode == 0
+    assert _same_exports(tmp_path / "whole" / "adapter", run / "adapter")
+    assert _train_loss_steps(run) == _train_loss_steps(tmp_path / "whole")
 
 
 def test_sigterm_under_slurm_requeues_the_job(tmp_path):

@@ -100,17 +100,6 @@ def test_online_training_on_image_shards(tmp_path, extracted):
 
 
 @pytest.mark.timeout(300)
-def test_two_process_ddp_fit_on_cached_features(tmp_path):
-    path = shared("clip-vit-b32-features/caltech101.safetensors")
-    result = run_script("train.py", "fit", *DAC, *data_config("caltech101"), "--run_dir", tmp_path,
-                        "--data.init_args.path", path, "--trainer.max_epochs", "2", "--trainer.accelerator", "cpu",
-                        "--trainer.devices", "2", "--trainer.strategy", "ddp")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert (tmp_path / "adapter" / WEIGHTS_NAME).is_file()
-    adapters.load_adapter(tmp_path / "adapter")
-
-
-@pytest.mark.timeout(300)
 def test_extraction_in_one_and_two_processes_gives_the_same_features(tmp_path, extracted):
     shards = extracted[0]
     common = ["predict", "--config", "configs/extract.yaml", "--data.init_args.shards", str(shards),
