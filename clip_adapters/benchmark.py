@@ -96,7 +96,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.methods == "all":  # a head that needs text or other inputs says so in its skipped record
         wanted = [h for h in wanted if h in methods or evaluate.HEADS[h].in_default_set]
     if not wanted:
-        p.error("--methods: none given (e.g. --methods prototype,tip,gda or --methods all)")
+        p.error(f"--methods: none given (--methods all, or some of: {', '.join(known)})")
     args.heads = [m for m in wanted if m in evaluate.HEADS]
     args.trained = {m: methods[m] for m in wanted if m in methods}
     if any(k < 1 for k in args.shots):

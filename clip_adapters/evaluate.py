@@ -88,7 +88,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.heads = [h.strip() for h in args.heads.split(",") if h.strip()]
     if not args.heads:
-        p.error("--heads: no head given (e.g. --heads prototype,tip,gda)")
+        p.error(f"--heads: no head given (known: {', '.join(sorted(HEADS))})")
     unknown = [h for h in args.heads if h not in HEADS]
     if unknown:
         p.error(f"--heads: unknown head {unknown[0]!r} (known: {', '.join(sorted(HEADS))})")
