@@ -50,6 +50,7 @@ class PreemptionCheckpoint(L.Callback):
     # -- the signals: noted by the handler, acted on at a batch end every rank shares ---------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # here, not at fit start: Lightning installs its own handlers just before training starts
+        self._requested = self._deferred = False
         for signum in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[signum] = signal.signal(signum, self._on_signal)
