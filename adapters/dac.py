@@ -236,10 +236,11 @@ class DACAdapter(CachedHeadAdapter):
         if stage in ("intra", "joint"):
             v = views.shape[1]
             y = labels.repeat_interleave(v)
+            gather = self.hparams.gather_negatives and self._trainer is not None and self.trainer.world_size > 1
             intra = features.new_zeros(())
             for adapter in self.image_adapters():  # independent members: the sum's gradients do not mix
                 z = adapter(views.flatten(0, 1))
-                if self.hparams.gather_negatives and self._trainer is not None and self.trainer.world_size > 1:
+                if gather:
                     intra = intra + self._global_batch_supcon(z, y)
                 else:
                     intra = intra + supervised_contrastive_loss(z, y, z, y, self.hparams.temperature)

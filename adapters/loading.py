@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from adapters.backbone import FrozenCLIP
@@ -73,8 +74,8 @@ def load_adapter(path: str | Path, backbone: FrozenCLIP | None = None, map_locat
     module.selection.update(config.get("selected_on") or {})
     try:
         state = load_file(str(weights_path), device=map_location)
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for damaged files
-        raise UserError(f"{weights_path}: unreadable adapter weights ({_first_line(e)})") from None
+    except (SafetensorError, OSError) as e:  # as datamodules.feature_file reads a damaged file
+        raise UserError(f"{weights_path}: unreadable adapter weights ({str(e).splitlines()[0]})") from None
     _load_exported_state(module, state, path)
     module.eval()
     module.finalize()
@@ -102,7 +103,3 @@ def _load_exported_state(module: AdapterModule, state: dict[str, torch.Tensor], 
                 raise ConfigError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, "
                                   f"the model expects {tuple(target.shape)} (dimension mismatch)")
     module.load_state_dict(state, strict=False)
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]

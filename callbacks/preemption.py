@@ -67,7 +67,7 @@ class PreemptionCheckpoint(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         if trainer.strategy.reduce_boolean_decision(self._requested, all=False):  # any rank signalled
-            trainer._signal_connector.received_sigterm = True  # the flag behind `trainer.received_sigterm`
+            _stop_flag(trainer, True)
 
     def _restore_handlers(self) -> None:
         for signum, previous in self._previous.items():
@@ -84,12 +84,12 @@ class PreemptionCheckpoint(L.Callback):
         # half-way, and a resumed run does not redo it (that epoch's metrics row and a best-epoch choice
         # would be lost). Let it finish, then let the training loop stop where it checks next.
         if trainer.state.fn == "fit" and not trainer.sanity_checking and trainer.received_sigterm:
-            trainer._signal_connector.received_sigterm = False  # the flag behind `trainer.received_sigterm`
+            _stop_flag(trainer, False)
             self._deferred = True
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._deferred:
-            trainer._signal_connector.received_sigterm = True
+            _stop_flag(trainer, True)
             self._deferred = False
             log.warning("signal received during validation: validation finished, stopping now")
 
@@ -119,3 +119,9 @@ class PreemptionCheckpoint(L.Callback):
             log.warning("SLURM job %s requeued", job)
         else:
             log.warning("SLURM job %s: requeue failed: %s", job, result.stderr.strip()[:200])
+
+
+def _stop_flag(trainer: L.Trainer, stop: bool) -> None:
+    """Set the flag behind `trainer.received_sigterm` (Lightning has no public setter): with it, every
+    loop of Lightning's stops at its next check and raises `SIGTERMException`."""
+    trainer._signal_connector.received_sigterm = stop

@@ -99,6 +99,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--methods: none given (--methods all, or some of: {', '.join(known)})")
     args.heads = [m for m in wanted if m in evaluate.HEADS]
     args.trained = {m: methods[m] for m in wanted if m in methods}
+    args.recipes = {m: recipe_key(config, args.train_args) for m, config in args.trained.items()}
     if any(k < 1 for k in args.shots):
         p.error("--shots: must be positive integers")
     return args
@@ -130,8 +131,7 @@ def recipe_key(config: Path, train_args: Sequence[str]) -> str:
 
 def cell_key(args: argparse.Namespace) -> str:
     """What a cell's records depend on beyond (file, shots, seed, protocol): the methods and recipes."""
-    return _digest(sorted(args.heads), {m: recipe_key(c, args.train_args) for m, c in args.trained.items()},
-                   args.fewshot_dir)
+    return _digest(sorted(args.heads), args.recipes, args.fewshot_dir)
 
 
 def train_method(method: str, config: Path, path: str, k: int, seed: int | None, protocol: str,
@@ -168,7 +168,7 @@ def run_cell(path: str, k: int, seed: int | None, protocol: str, args: argparse.
     ff = FeatureFile(path)
     exports, seconds, records = [], {}, []
     for method, config in args.trained.items():
-        run_dir = out / "runs" / stem / _cell_name(k, seed, protocol) / f"{method}-{recipe_key(config, args.train_args)}"
+        run_dir = out / "runs" / stem / _cell_name(k, seed, protocol) / f"{method}-{args.recipes[method]}"
         try:
             seconds[method] = train_method(method, config, path, k, seed, protocol, args.fewshot_dir, run_dir,
                                            args.train_args, ff.metadata)
@@ -325,10 +325,9 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        print(f"{PROG}: error: --out: cannot create {args.out} ({e.strerror})", file=sys.stderr)
+    error = evaluate.create_folder("--out", Path(args.out))
+    if error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     try:
         run(args)

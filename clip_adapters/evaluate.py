@@ -105,6 +105,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def create_folder(where: str, folder: Path) -> str | None:
+    """Create an output folder (and its parents); the one-line reason naming the option ``where`` when
+    that is impossible, else None."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = "a file of that name is not a folder" if isinstance(e, FileExistsError) else e.strerror
+        return f"{where}: cannot create {folder} ({why})"
+    return None
+
+
 def load_adapters(paths: Sequence[str]) -> list:
     if not paths:
         return []
@@ -463,12 +474,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot_dir = Path(args.plot_dir) if args.plot_dir else (Path(args.output).parent if args.output else None)
     for where, folder in (("--plot_dir", plot_dir if args.overlap else None),
                           ("--output", Path(args.output).parent if args.output else None)):
-        try:  # before hours of evaluation, not after
-            if folder is not None:
-                folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            why = "a file of that name is not a folder" if isinstance(e, FileExistsError) else e.strerror
-            print(f"{PROG}: error: {where}: cannot create {folder} ({why})", file=sys.stderr)
+        error = None if folder is None else create_folder(where, folder)  # before hours of evaluation, not after
+        if error:
+            print(f"{PROG}: error: {error}", file=sys.stderr)
             return 2
     chunk = None if args.chunk_mb == 0 else int(args.chunk_mb * 2**20 / 4)  # float32 elements
     for path in args.features:  # one bad file costs its own rows, not everyone's
